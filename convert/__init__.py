@@ -1,0 +1,1 @@
+"""Conversion utilities: GGUF to Hugging Face folders, base models to CoMeT checkpoints."""
