@@ -1,0 +1,130 @@
+"""Configuration of CoMeT (Collaborative Memory Transformer) models."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from .position_layout import POSITION_LAYOUTS
+
+# Decoder-only bases whose decoder layers share the Llama calling convention
+# (hidden_states, attention_mask, position_ids, position_embeddings, cache) and whose
+# backbone exposes embed_tokens / layers / norm / rotary_emb.
+SUPPORTED_BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def check_supported_base(base_config: PreTrainedConfig) -> None:
+    """Raise a ``ValueError`` naming the supported architectures if ``base_config`` is not one."""
+    model_type = getattr(base_config, "model_type", None)
+    if model_type not in SUPPORTED_BASE_MODEL_TYPES:
+        raise ValueError(
+            f"Unsupported base architecture {model_type!r}: CoMeT supports decoder-only bases with the Llama "
+            f"layer convention, namely {', '.join(SUPPORTED_BASE_MODEL_TYPES)}."
+        )
+
+
+@strict
+class CometConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`CometForCausalLM`]: a pretrained decoder (the *base*) plus the CoMeT memory.
+
+    The input is read in chunks of `chunk_size` text tokens. Chunk τ>0 is laid out as
+    `[global_mem_size global slots][temporary slots][text][beacons][global_mem_size readouts]`;
+    before each decoder layer the slots are overwritten with that layer's memory built from chunk τ−1.
+
+    Args:
+        base_config (`dict` or `PreTrainedConfig`, *optional*):
+            Configuration of the base model (one of `llama`, `mistral`, `qwen2`, `qwen3`).
+        chunk_size (`int`, *optional*, defaults to 256):
+            Number of text tokens per chunk. Also the size of the live window while generating.
+        global_mem_size (`int`, *optional*, defaults to 8):
+            Number of global memory slots, and of readout tokens that update them.
+        temp_beacon_stride (`int`, *optional*, defaults to 16):
+            A beacon token follows every `temp_beacon_stride` text tokens; each beacon's output joins the
+            temporary memory. Must divide `chunk_size`. `-1` disables the temporary memory.
+        temp_mem_budget (`int`, *optional*, defaults to 64):
+            Number of newest beacon outputs the FIFO temporary memory keeps (ignored when disabled).
+        adapter_rank (`int`, *optional*, defaults to 8):
+            Rank of the residual low-rank adapters applied to the global and temporary memories.
+        position_layout (`str`, *optional*, defaults to `"default"`):
+            Position ids of beacons and readouts: `"default"` appends them after the chunk's text with
+            consecutive ids; `"epl"` puts each at the centre of the text it summarises (Enhanced Position
+            Layout). Text tokens always take consecutive ids after the memory slots.
+        gate_bias_init (`float`, *optional*, defaults to 0.0):
+            Initial bias of the global-memory gate (0 gives an even mix of old state and new readouts).
+        special_init_std (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the noise added to the mean token embedding when initialising the beacon
+            and readout embeddings.
+        layer_major (`bool`, *optional*, defaults to `False`):
+            Execution order of the training forward: chunk-major (each chunk through all layers, constant
+            memory) or layer-major (every chunk through layer l before layer l+1, what the pipeline-parallel
+            trainer uses). Both give the same logits.
+    """
+
+    model_type = "comet"
+    sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    base_config: dict | PreTrainedConfig | None = None
+    chunk_size: int = 256
+    global_mem_size: int = 8
+    temp_beacon_stride: int = 16
+    temp_mem_budget: int = 64
+    adapter_rank: int = 8
+    position_layout: str = "default"
+    gate_bias_init: float = 0.0
+    special_init_std: float = 0.02
+    layer_major: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
+        self.check_memory_fields()
+
+    def check_memory_fields(self):
+        """Check every memory field in one place; raise a ValueError naming the bad values."""
+        check_supported_base(self.base_config)
+        errors = []
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            errors.append(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
+        if not isinstance(self.global_mem_size, int) or self.global_mem_size < 1:
+            errors.append(f"global_mem_size must be a positive integer, got {self.global_mem_size!r}")
+        if self.temp_beacon_stride != -1:
+            if not isinstance(self.temp_beacon_stride, int) or self.temp_beacon_stride < 1:
+                errors.append(f"temp_beacon_stride must be a positive integer or -1, got {self.temp_beacon_stride!r}")
+            elif isinstance(self.chunk_size, int) and self.chunk_size % self.temp_beacon_stride:
+                errors.append(
+                    f"temp_beacon_stride ({self.temp_beacon_stride}) must divide chunk_size ({self.chunk_size})"
+                )
+            if not isinstance(self.temp_mem_budget, int) or self.temp_mem_budget < 1:
+                errors.append(f"temp_mem_budget must be a positive integer, got {self.temp_mem_budget!r}")
+        if not isinstance(self.adapter_rank, int) or self.adapter_rank < 1:
+            errors.append(f"adapter_rank must be a positive integer, got {self.adapter_rank!r}")
+        if self.position_layout not in POSITION_LAYOUTS:
+            errors.append(f"position_layout must be one of {POSITION_LAYOUTS}, got {self.position_layout!r}")
+        if errors:
+            raise ValueError("Invalid CoMeT configuration: " + "; ".join(errors))
+
+    @property
+    def use_temp_memory(self) -> bool:
+        return self.temp_beacon_stride != -1
+
+    @property
+    def beacons_per_chunk(self) -> int:
+        return self.chunk_size // self.temp_beacon_stride if self.use_temp_memory else 0
+
+    @property
+    def temp_slots(self) -> int:
+        return self.temp_mem_budget if self.use_temp_memory else 0
+
+    @property
+    def memory_slots(self) -> int:
+        """Largest number of memory slots in front of a chunk's text."""
+        return self.global_mem_size + self.temp_slots
+
+    def get_text_config(self, *args, **kwargs) -> PreTrainedConfig:
+        return self.base_config
+
+
+__all__ = ["CometConfig", "SUPPORTED_BASE_MODEL_TYPES", "check_supported_base"]
