@@ -1,0 +1,840 @@
+"""CoMeT: Collaborative Memory Transformer over a pretrained Llama-family decoder.
+
+The input is read in chunks of ``chunk_size`` text tokens. Every chunk is laid out in one fixed
+index space (the *window*), shared by training and generation::
+
+    [G global slots][B temp slots][chunk_size text][chunk_size/stride beacons][G readouts]
+
+Memory slots are placeholders: before decoder layer l runs, their hidden states are overwritten
+with layer l's memory built from the previous chunk. Text attends to valid slots and earlier text
+only, so an input shorter than one chunk gives exactly the base model's logits. Beacons and
+readouts see the slots, the text before them and earlier beacons; their layer-l outputs become
+layer l's temporary (FIFO) and global (gated) memory for the next chunk.
+
+Training runs every chunk as one sequence (chunk-major or layer-major, same result, full
+back-propagation through the memories). Generation keeps one window in a fixed-size KV buffer
+(:class:`CometCache`): text is written as it arrives, and a full window is folded into memory by
+running only the beacon and readout tokens against the cached keys and values.
+
+This file is part of the remote code a checkpoint carries: flat, relative imports, torch and
+transformers only.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_comet import CometConfig, check_supported_base
+from .position_layout import epl_special_position_ids, grouped_special_position_ids
+
+
+class CometRMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, as in the Llama family."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class CometLowRankAdapter(nn.Module):
+    """Residual rank-r adapter ``x + up(down(x))``; ``up`` starts at zero so the adapter starts as identity."""
+
+    def __init__(self, hidden_size: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(hidden_size, rank, bias=False)
+        self.up = nn.Linear(rank, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(self.down(x))
+
+
+class CometLayerMemory(nn.Module):
+    """The memory parameters of one decoder layer (≈36·d parameters at rank 8)."""
+
+    def __init__(self, config: CometConfig):
+        super().__init__()
+        base = config.base_config
+        d = base.hidden_size
+        self.global_norm = CometRMSNorm(d, eps=base.rms_norm_eps)
+        self.gate = nn.Linear(2 * d, 1)
+        self.global_adapter = CometLowRankAdapter(d, config.adapter_rank)
+        if config.use_temp_memory:
+            self.temp_norm = CometRMSNorm(d, eps=base.rms_norm_eps)
+            self.temp_adapter = CometLowRankAdapter(d, config.adapter_rank)
+
+    def update_global(
+        self, readouts: torch.Tensor, previous_state: torch.Tensor, has_previous: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gated update ``S = g·S_prev + (1−g)·c``; returns the new state and the memory to inject next.
+
+        readouts, previous_state: (B, G, d); has_previous: (B,) bool, False on a sample's first fold.
+        """
+        candidate = self.global_norm(readouts)
+        gate = torch.sigmoid(self.gate(torch.cat([candidate, previous_state], dim=-1)))  # (B, G, 1)
+        gated = gate * previous_state + (1 - gate) * candidate
+        state = torch.where(has_previous[:, None, None], gated, candidate)
+        return state, self.global_adapter(state)
+
+    def encode_temp(self, beacons: torch.Tensor) -> torch.Tensor:
+        """Temporary-memory entries from beacon outputs: (B, n, d) -> (B, n, d)."""
+        return self.temp_adapter(self.temp_norm(beacons))
+
+
+class CometMemory(nn.Module):
+    """All memory parameters: per-layer memory plus the beacon and readout embeddings.
+
+    Beacons and readouts are learned embeddings rather than new vocabulary entries, so the base
+    tokenizer is untouched and generation can never emit them.
+    """
+
+    def __init__(self, config: CometConfig):
+        super().__init__()
+        d = config.base_config.hidden_size
+        self.layers = nn.ModuleList(CometLayerMemory(config) for _ in range(config.base_config.num_hidden_layers))
+        self.readout_embedding = nn.Parameter(torch.zeros(config.global_mem_size, d))
+        self.beacon_embedding = nn.Parameter(torch.zeros(1, d)) if config.use_temp_memory else None
+
+
+@dataclass
+class CometMemoryState:
+    """Memory carried from one chunk to the next, fixed in size from the first chunk on.
+
+    Per layer: ``global_state`` S (B, G, d), ``global_memory`` = adapter(S) (B, G, d) and
+    ``temp_memory`` (B, budget, d), newest entries last. ``global_valid`` (B,) and ``temp_valid``
+    (B, budget) say which slots hold memory; invalid slots are hidden from every token.
+    """
+
+    global_state: list[torch.Tensor]
+    global_memory: list[torch.Tensor]
+    temp_memory: list[torch.Tensor]
+    global_valid: torch.Tensor
+    temp_valid: torch.Tensor
+
+    @classmethod
+    def empty(cls, config: CometConfig, batch_size: int, dtype: torch.dtype, device) -> CometMemoryState:
+        d, layers = config.base_config.hidden_size, config.base_config.num_hidden_layers
+        G, T = config.global_mem_size, config.temp_slots
+
+        def zeros(n):
+            return [torch.zeros(batch_size, n, d, dtype=dtype, device=device) for _ in range(layers)]
+
+        return cls(
+            global_state=zeros(G),
+            global_memory=zeros(G),
+            temp_memory=zeros(T),
+            global_valid=torch.zeros(batch_size, dtype=torch.bool, device=device),
+            temp_valid=torch.zeros(batch_size, T, dtype=torch.bool, device=device),
+        )
+
+    def slot_valid(self, global_mem_size: int) -> torch.Tensor:
+        """(B, G + budget) bool: which memory slots hold memory."""
+        glob = self.global_valid[:, None].expand(-1, global_mem_size)
+        return torch.cat([glob, self.temp_valid], dim=1)
+
+    def slots(self, layer: int) -> torch.Tensor:
+        """(B, G + budget, d): what layer ``layer`` injects into the memory slots."""
+        return torch.cat([self.global_memory[layer], self.temp_memory[layer]], dim=1)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.global_state, *self.global_memory, *self.temp_memory, self.global_valid, self.temp_valid]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def map(self, fn) -> CometMemoryState:
+        """A new state with ``fn`` applied to every tensor (for beam reordering and batch selection)."""
+        return CometMemoryState(
+            global_state=[fn(t) for t in self.global_state],
+            global_memory=[fn(t) for t in self.global_memory],
+            temp_memory=[fn(t) for t in self.temp_memory],
+            global_valid=fn(self.global_valid),
+            temp_valid=fn(self.temp_valid),
+        )
+
+
+class CometWindowLayout:
+    """Index space of one chunk (the window) and the attention rules between its parts.
+
+    Indices: ``[0, P)`` memory slots (P = G + budget), ``[P, P+C)`` text, then beacons, readouts and
+    one spare *scratch* index that padding queries write to and nothing ever reads.
+    """
+
+    def __init__(self, config: CometConfig, device):
+        self.config = config
+        C, G = config.chunk_size, config.global_mem_size
+        self.num_slots = P = config.memory_slots
+        self.num_beacons = nb = config.beacons_per_chunk
+        self.text_start = P
+        self.beacon_start = P + C
+        self.readout_start = P + C + nb
+        self.scratch = P + C + nb + G
+        self.size = self.scratch + 1
+
+        idx = torch.arange(self.size, device=device)
+        is_slot = idx < P
+        is_text = (idx >= P) & (idx < P + C)
+        is_beacon = (idx >= P + C) & (idx < P + C + nb)
+        is_readout = (idx >= P + C + nb) & (idx < self.scratch)
+        # Number of text tokens each index may see (text: itself and before; beacon k: (k+1)·stride).
+        horizon = torch.zeros(self.size, dtype=torch.long, device=device)
+        horizon[is_text] = torch.arange(1, C + 1, device=device)
+        if nb:
+            horizon[is_beacon] = torch.arange(1, nb + 1, device=device) * config.temp_beacon_stride
+        horizon[is_readout] = C
+        text_rank = idx - P  # position of a text key inside the chunk
+
+        q, k = idx[:, None], idx[None, :]
+        sees_slots = (is_text | is_beacon | is_readout)[:, None] & is_slot[None, :]
+        slot_causal = is_slot[:, None] & is_slot[None, :] & (k <= q)
+        sees_text = is_text[None, :] & (text_rank[None, :] < horizon[:, None])
+        beacon_causal = (is_beacon | is_readout)[:, None] & is_beacon[None, :] & ((k <= q) | is_readout[:, None])
+        readout_causal = is_readout[:, None] & is_readout[None, :] & (k <= q)
+        self.visibility = sees_slots | slot_causal | sees_text | beacon_causal | readout_causal  # (size, size)
+
+        # Position offsets of beacons and readouts, relative to the first text position of a full chunk.
+        if config.position_layout == "epl":
+            beacon_pos = grouped_special_position_ids("epl", 0, [config.temp_beacon_stride] * nb, device=device)
+            readout_pos = epl_special_position_ids(0, C - 1, G, device=device)
+        else:
+            beacon_pos = torch.arange(C, C + nb, device=device)
+            readout_pos = torch.arange(C + nb, C + nb + G, device=device)
+        self.fold_positions = torch.cat([beacon_pos, readout_pos])  # (nb + G,)
+
+    def mask(self, query_index: torch.Tensor, key_index: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        """Boolean attention mask (B, 1, q, k) for queries at ``query_index`` (B, q) over keys at ``key_index`` (k,).
+
+        ``key_valid`` (B, k) hides empty slots, unwritten text and padding. Every query also sees
+        its own index, so no row is empty (an empty row would turn into NaN).
+        """
+        allowed = self.visibility[query_index][:, :, key_index] & key_valid[:, None, :]
+        allowed = allowed | (query_index[:, :, None] == key_index[None, None, :])
+        return allowed[:, None]
+
+
+class CometCache(Cache):
+    """Generation state of a CoMeT model: the memory plus a fixed-size KV buffer for the live window.
+
+    Its size does not depend on how many tokens were read: the buffer holds one window
+    (memory slots, ``chunk_size`` text tokens, beacons and readouts) per layer, and the memory is a
+    fixed number of vectors per layer. ``generate()``, ``pipeline()`` and beam search carry it like
+    any other cache.
+    """
+
+    def __init__(self):
+        super().__init__(layers=[])
+        self.memory: CometMemoryState | None = None
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.key_valid: torch.Tensor | None = None  # (B, window size)
+        self.window_fill: torch.Tensor | None = None  # (B,) text tokens in the live window
+        self.seen_tokens = 0  # input columns consumed, padding included (what generate slices by)
+        self._write_index: torch.Tensor | None = None
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.memory is not None
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False]
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.memory is None else self.memory.global_valid.shape[0]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """Write this step's keys/values into the window buffer and return the whole buffer."""
+        if self._write_index is None:
+            raise RuntimeError("CometCache.update called outside a CoMeT forward pass")
+        B, H, q, D = key_states.shape
+        index = self._write_index[:, None, :, None].expand(B, H, q, D)
+        self.keys[layer_idx].scatter_(2, index, key_states.to(self.keys[layer_idx].dtype))
+        self.values[layer_idx].scatter_(2, index, value_states.to(self.values[layer_idx].dtype))
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def allocate(self, config: CometConfig, batch_size: int, window_size: int, dtype, device) -> None:
+        base = config.base_config
+        heads = base.num_key_value_heads
+        head_dim = getattr(base, "head_dim", None) or base.hidden_size // base.num_attention_heads
+        shape = (batch_size, heads, window_size, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(base.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(base.num_hidden_layers)]
+        self.memory = CometMemoryState.empty(config, batch_size, dtype, device)
+        self.key_valid = torch.zeros(batch_size, window_size, dtype=torch.bool, device=device)
+        self.window_fill = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.seen_tokens = 0
+
+    def nbytes(self) -> int:
+        if self.memory is None:
+            return 0
+        buffers = [*self.keys, *self.values, self.key_valid, self.window_fill]
+        return self.memory.nbytes() + sum(t.numel() * t.element_size() for t in buffers)
+
+    def _apply(self, fn) -> None:
+        if self.memory is None:
+            return
+        self.memory = self.memory.map(fn)
+        self.keys = [fn(t) for t in self.keys]
+        self.values = [fn(t) for t in self.values]
+        self.key_valid = fn(self.key_valid)
+        self.window_fill = fn(self.window_fill)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply(lambda t: t[indices])
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("A CoMeT cache cannot be cropped: folded text lives only in the memory.")
+
+
+# transformers 5.x is renaming `past_key_values` to `cache`; follow whichever this version uses.
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+_LAYER_CACHE_ARG = _OUTPUT_CACHE_FIELD
+
+
+def _valid_first_order(valid: torch.Tensor) -> torch.Tensor:
+    """Per-row permutation putting valid columns first, keeping their order. valid: (B, L) bool."""
+    return torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+
+
+class CometPreTrainedModel(PreTrainedModel):
+    config_class = CometConfig
+    config: CometConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _no_split_modules = ["LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = getattr(self.config.base_config, "initializer_range", 0.02)
+        if isinstance(module, CometLowRankAdapter):
+            init.normal_(module.down.weight, mean=0.0, std=std)
+            init.zeros_(module.up.weight)
+        elif isinstance(module, CometLayerMemory):
+            init.normal_(module.gate.weight, mean=0.0, std=std)
+            init.constant_(module.gate.bias, self.config.gate_bias_init)
+        elif isinstance(module, CometMemory):
+            init.normal_(module.readout_embedding, mean=0.0, std=self.config.special_init_std)
+            if module.beacon_embedding is not None:
+                init.normal_(module.beacon_embedding, mean=0.0, std=self.config.special_init_std)
+
+
+class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
+    """A pretrained decoder with the CoMeT memory: constant memory and linear time in the input length.
+
+    Parameter names of the base model are kept (``model.*``, ``lm_head.*``), so LoRA
+    ``target_modules`` such as ``q_proj`` work unchanged; every memory parameter lives under the
+    unique prefix ``comet_memory.`` (use it in PEFT's ``modules_to_save``).
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: CometConfig):
+        super().__init__(config)
+        check_supported_base(config.base_config)
+        config.check_memory_fields()
+        self.model = AutoModel.from_config(config.base_config)
+        # One config object for the backbone and this wrapper, so attention-implementation changes reach both.
+        self.model.config = config.base_config
+        self.lm_head = nn.Linear(config.base_config.hidden_size, config.base_config.vocab_size, bias=False)
+        self.comet_memory = CometMemory(config)
+        self._layouts: dict = {}
+        self.post_init()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_base(cls, base_model_or_path, dtype=None, **memory_fields) -> CometForCausalLM:
+        """Build a CoMeT model on a pretrained causal LM, copying its weights and initialising the memory.
+
+        Args:
+            base_model_or_path: a loaded `PreTrainedModel` (Llama, Mistral, Qwen2, Qwen3) or a path / repo id.
+            dtype: dtype for the new model (defaults to the base model's).
+            **memory_fields: any `CometConfig` field, e.g. ``chunk_size=256, global_mem_size=8``.
+        """
+        if isinstance(base_model_or_path, PreTrainedModel):
+            base = base_model_or_path
+        else:
+            base = AutoModelForCausalLM.from_pretrained(base_model_or_path, dtype=dtype or torch.float32)
+        check_supported_base(base.config)
+        if getattr(base, "hf_quantizer", None) is not None:
+            base.hf_quantizer.remove_quantization_config(base)
+        base_config = copy.deepcopy(base.config)
+        attn = base.config._attn_implementation
+        config = CometConfig(base_config=base_config, **memory_fields)
+        config._attn_implementation = attn
+        config.base_config._attn_implementation = attn
+        dtype = dtype or base.dtype
+        model = cls(config).to(dtype)
+        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+        unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
+        missing = [k for k in missing if not k.startswith("comet_memory.") and k != "lm_head.weight"]
+        if missing or unexpected:
+            raise ValueError(f"Base weights do not map onto CoMeT: missing {missing}, unexpected {unexpected}")
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        else:
+            model.lm_head.load_state_dict(base.lm_head.state_dict())
+        model._init_special_embeddings()
+        if base.generation_config is not None:
+            model.generation_config = copy.deepcopy(base.generation_config)
+        return model
+
+    @torch.no_grad()
+    def _init_special_embeddings(self) -> None:
+        """Start beacons and readouts near the mean token embedding, where the base model expects its inputs."""
+        emb = self.model.embed_tokens.weight
+        mean = emb.float().mean(0)
+        std = self.config.special_init_std
+        mem = self.comet_memory
+        mem.readout_embedding.copy_(mean + std * torch.randn_like(mem.readout_embedding, dtype=torch.float32))
+        if mem.beacon_embedding is not None:
+            mem.beacon_embedding.copy_(mean + std * torch.randn_like(mem.beacon_embedding, dtype=torch.float32))
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    # ------------------------------------------------------------------ shared pieces
+    def _layout(self, device) -> CometWindowLayout:
+        key = str(device)
+        if key not in self._layouts:
+            self._layouts[key] = CometWindowLayout(self.config, device)
+        return self._layouts[key]
+
+    def _attention_mask(self, allowed: torch.Tensor, dtype) -> torch.Tensor:
+        """The boolean mask in the form the configured attention implementation expects."""
+        if self.config.base_config._attn_implementation == "eager":
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
+        return allowed
+
+    def _slot_positions(self, slot_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions of the memory slots (valid ones numbered from 0) and the first text position (B,)."""
+        counts = slot_valid.long().cumsum(1)
+        return (counts - 1).clamp(min=0), counts[:, -1]
+
+    def _fold_into_memory(
+        self, layer: int, state: CometMemoryState, beacon_out: torch.Tensor | None, readout_out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Layer ``layer``'s new global state, global memory and temporary memory after a chunk."""
+        mem = self.comet_memory.layers[layer]
+        g_state, g_memory = mem.update_global(readout_out, state.global_state[layer], state.global_valid)
+        temp = None
+        if beacon_out is not None:
+            entries = mem.encode_temp(beacon_out)
+            temp = torch.cat([state.temp_memory[layer], entries], dim=1)[:, -self.config.temp_slots :]
+        return g_state, g_memory, temp
+
+    def _fold_validity(self, state: CometMemoryState, folded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot validity after a fold of the samples where ``folded`` (B,) is True."""
+        global_valid = state.global_valid | folded
+        temp_valid = state.temp_valid
+        if self.config.use_temp_memory:
+            new = folded[:, None].expand(-1, self.config.beacons_per_chunk)
+            temp_valid = torch.cat([temp_valid, new], dim=1)[:, -self.config.temp_slots :]
+        return global_valid, temp_valid
+
+    def _special_embeddings(self, batch_size: int, dtype) -> torch.Tensor:
+        """(B, nb + G, d): beacon then readout input embeddings of a fold."""
+        mem = self.comet_memory
+        parts = []
+        if mem.beacon_embedding is not None:
+            parts.append(mem.beacon_embedding.expand(self.config.beacons_per_chunk, -1))
+        parts.append(mem.readout_embedding)
+        return torch.cat(parts).to(dtype)[None].expand(batch_size, -1, -1)
+
+    def _run_layer(self, layer: int, hidden, mask, position_embeddings, position_ids, cache=None):
+        return self.model.layers[layer](
+            hidden,
+            attention_mask=mask,
+            position_embeddings=position_embeddings,
+            position_ids=position_ids,
+            use_cache=cache is not None,
+            **{_LAYER_CACHE_ARG: cache},
+        )
+
+    # ------------------------------------------------------------------ training / scoring path
+    def _chunk_inputs(self, embeds, valid, state: CometMemoryState, fold: bool, layout: CometWindowLayout):
+        """Sequence, mask, position embeddings and ids of one chunk for the whole-chunk path."""
+        B, n, _ = embeds.shape
+        device = embeds.device
+        slot_valid = state.slot_valid(self.config.global_mem_size)
+        slot_pos, text_start = self._slot_positions(slot_valid)
+        text_pos = text_start[:, None] + torch.arange(n, device=device)
+        index = [torch.arange(layout.num_slots, device=device), torch.arange(layout.text_start, layout.text_start + n, device=device)]
+        key_valid = [slot_valid, valid]
+        positions = [slot_pos, text_pos]
+        parts = [embeds.new_zeros(B, layout.num_slots, embeds.shape[-1]), embeds]
+        if fold:
+            n_fold = layout.fold_positions.numel()
+            index.append(torch.arange(layout.beacon_start, layout.beacon_start + n_fold, device=device))
+            key_valid.append(valid.new_ones(B, n_fold))
+            positions.append(text_start[:, None] + layout.fold_positions)
+            parts.append(self._special_embeddings(B, embeds.dtype))
+        index = torch.cat(index)
+        allowed = layout.mask(index[None].expand(B, -1), index, torch.cat(key_valid, dim=1))
+        position_ids = torch.cat(positions, dim=1)
+        hidden = torch.cat(parts, dim=1)
+        position_embeddings = self.model.rotary_emb(hidden, position_ids=position_ids)
+        return hidden, self._attention_mask(allowed, embeds.dtype), position_embeddings, position_ids
+
+    def _chunk_layer_step(self, layer, hidden, chunk, state, fold, n_text):
+        """Run one decoder layer on one chunk: inject memory, run, read the next memory if folding."""
+        mask, position_embeddings, position_ids = chunk
+        P = self.config.memory_slots
+        hidden = torch.cat([state.slots(layer).to(hidden.dtype), hidden[:, P:]], dim=1)
+        hidden = self._run_layer(layer, hidden, mask, position_embeddings, position_ids)
+        new_memory = None
+        if fold:
+            start = P + n_text
+            nb = self.config.beacons_per_chunk
+            beacon_out = hidden[:, start : start + nb] if nb else None
+            new_memory = self._fold_into_memory(layer, state, beacon_out, hidden[:, start + nb :])
+        return hidden, new_memory
+
+    @staticmethod
+    def _advance(state: CometMemoryState, new_memories, validity) -> CometMemoryState:
+        return CometMemoryState(
+            global_state=[m[0] for m in new_memories],
+            global_memory=[m[1] for m in new_memories],
+            temp_memory=[m[2] if m[2] is not None else t for m, t in zip(new_memories, state.temp_memory)],
+            global_valid=validity[0],
+            temp_valid=validity[1],
+        )
+
+    def _forward_chunks(self, embeds, valid, on_text_hidden, layer_major: bool):
+        """Read ``embeds`` (B, L, d) chunk by chunk; ``on_text_hidden(start, hidden)`` receives final text states."""
+        B, L, _ = embeds.shape
+        C = self.config.chunk_size
+        layout = self._layout(embeds.device)
+        state = CometMemoryState.empty(self.config, B, embeds.dtype, embeds.device)
+        bounds = [(s, min(s + C, L)) for s in range(0, L, C)]
+        folded = torch.ones(B, dtype=torch.bool, device=embeds.device)
+        num_layers = self.config.base_config.num_hidden_layers
+        P = self.config.memory_slots
+
+        if not layer_major:
+            for start, end in bounds:
+                fold = end < L
+                hidden, *chunk = self._chunk_inputs(embeds[:, start:end], valid[:, start:end], state, fold, layout)
+                new_memories = []
+                for layer in range(num_layers):
+                    hidden, new_memory = self._chunk_layer_step(layer, hidden, chunk, state, fold, end - start)
+                    new_memories.append(new_memory)
+                on_text_hidden(start, hidden[:, P : P + end - start])
+                if fold:
+                    state = self._advance(state, new_memories, self._fold_validity(state, folded))
+            return
+
+        # Layer-major: every chunk through layer l before layer l+1. Which slots are valid depends only
+        # on the chunk index, so each chunk's mask and positions are built once up front.
+        states, chunks, hiddens = [state], [], []
+        for start, end in bounds:
+            fold = end < L
+            hidden, *chunk = self._chunk_inputs(embeds[:, start:end], valid[:, start:end], states[-1], fold, layout)
+            hiddens.append(hidden)
+            chunks.append(chunk)
+            if fold:
+                gv, tv = self._fold_validity(states[-1], folded)
+                states.append(CometMemoryState.empty(self.config, B, embeds.dtype, embeds.device))
+                states[-1].global_valid, states[-1].temp_valid = gv, tv
+        for layer in range(num_layers):
+            for i, (start, end) in enumerate(bounds):
+                fold = end < L
+                hiddens[i], new_memory = self._chunk_layer_step(layer, hiddens[i], chunks[i], states[i], fold, end - start)
+                if fold:
+                    nxt = states[i + 1]
+                    nxt.global_state[layer], nxt.global_memory[layer] = new_memory[0], new_memory[1]
+                    if new_memory[2] is not None:
+                        nxt.temp_memory[layer] = new_memory[2]
+        for i, (start, end) in enumerate(bounds):
+            on_text_hidden(start, hiddens[i][:, P : P + end - start])
+
+    # ------------------------------------------------------------------ generation path
+    def _cache_step(self, cache: CometCache, hidden, query_index, position_ids, inject_slots: bool):
+        """Run all layers on queries written at ``query_index`` (B, q) of the window buffer."""
+        layout = self._layout(hidden.device)
+        keys = torch.arange(layout.size, device=hidden.device)
+        allowed = layout.mask(query_index, keys, cache.key_valid)
+        padding = query_index == layout.scratch
+        allowed = torch.where(padding[:, None, :, None], (keys == layout.scratch)[None, None, None, :], allowed)
+        mask = self._attention_mask(allowed, hidden.dtype)
+        position_embeddings = self.model.rotary_emb(hidden, position_ids=position_ids)
+        cache._write_index = query_index
+        outputs = []
+        try:
+            for layer in range(self.config.base_config.num_hidden_layers):
+                if inject_slots:
+                    hidden = cache.memory.slots(layer).to(hidden.dtype)
+                hidden = self._run_layer(layer, hidden, mask, position_embeddings, position_ids, cache=cache)
+                outputs.append(hidden)
+        finally:
+            cache._write_index = None
+        return outputs
+
+    def _start_windows(self, cache: CometCache, samples: torch.Tensor) -> None:
+        """Open a fresh window for ``samples`` (B,) bool: clear it and write its memory slots' keys/values."""
+        layout = self._layout(samples.device)
+        B = samples.shape[0]
+        slot_valid = cache.memory.slot_valid(self.config.global_mem_size)
+        cache.key_valid = torch.where(samples[:, None], False, cache.key_valid)
+        cache.key_valid[:, : layout.num_slots] = torch.where(
+            samples[:, None], slot_valid, cache.key_valid[:, : layout.num_slots]
+        )
+        cache.window_fill = torch.where(samples, 0, cache.window_fill)
+        if layout.num_slots == 0 or not bool((samples[:, None] & slot_valid).any()):
+            return
+        slot_index = torch.arange(layout.num_slots, device=samples.device)[None].expand(B, -1)
+        query_index = torch.where(samples[:, None], slot_index, layout.scratch)
+        position_ids, _ = self._slot_positions(slot_valid)
+        dtype = cache.memory.global_memory[0].dtype
+        placeholder = torch.zeros(B, layout.num_slots, self.config.base_config.hidden_size, dtype=dtype, device=samples.device)
+        self._cache_step(cache, placeholder, query_index, position_ids, inject_slots=True)
+
+    def _fold_windows(self, cache: CometCache, samples: torch.Tensor) -> None:
+        """Fold the full windows of ``samples`` into memory (beacons and readouts only) and reopen them."""
+        layout = self._layout(samples.device)
+        B = samples.shape[0]
+        n_fold = layout.fold_positions.numel()
+        fold_index = torch.arange(layout.beacon_start, layout.beacon_start + n_fold, device=samples.device)
+        query_index = torch.where(samples[:, None], fold_index[None], layout.scratch)
+        _, text_start = self._slot_positions(cache.memory.slot_valid(self.config.global_mem_size))
+        position_ids = text_start[:, None] + layout.fold_positions
+        cache.key_valid[:, layout.beacon_start : layout.scratch] = samples[:, None]
+        dtype = cache.memory.global_memory[0].dtype
+        outputs = self._cache_step(cache, self._special_embeddings(B, dtype), query_index, position_ids, False)
+        state = cache.memory
+        nb = self.config.beacons_per_chunk
+        new_memories = []
+        for layer, out in enumerate(outputs):
+            g_state, g_memory, temp = self._fold_into_memory(layer, state, out[:, :nb] if nb else None, out[:, nb:])
+            keep = samples[:, None, None]
+            new_memories.append(
+                (
+                    torch.where(keep, g_state, state.global_state[layer]),
+                    torch.where(keep, g_memory, state.global_memory[layer]),
+                    None if temp is None else torch.where(keep, temp, state.temp_memory[layer]),
+                )
+            )
+        cache.memory = self._advance(state, new_memories, self._fold_validity(state, samples))
+        self._start_windows(cache, samples)
+
+    def _forward_with_cache(self, embeds, valid, cache: CometCache, on_text_hidden):
+        """Append ``embeds`` (B, L, d) to each sample's window, folding windows as they fill."""
+        B, L, _ = embeds.shape
+        C = self.config.chunk_size
+        layout = self._layout(embeds.device)
+        if not cache.is_initialized:
+            cache.allocate(self.config, B, layout.size, embeds.dtype, embeds.device)
+            self._start_windows(cache, torch.ones(B, dtype=torch.bool, device=embeds.device))
+        elif cache.batch_size != B:
+            raise ValueError(f"Cache holds {cache.batch_size} sequences but the input has {B}")
+        cache.seen_tokens += L
+        remaining = valid.long().sum(1)  # valid tokens come first (see forward)
+        consumed = torch.zeros_like(remaining)
+        arange_C = torch.arange(C, device=embeds.device)
+        while bool((consumed < remaining).any()):
+            take = torch.minimum(C - cache.window_fill, remaining - consumed)  # (B,)
+            q = int(take.max())
+            steps = arange_C[:q][None]  # (1, q)
+            real = steps < take[:, None]  # (B, q)
+            source = (consumed[:, None] + steps).clamp(max=L - 1)
+            hidden = embeds.gather(1, source[..., None].expand(-1, -1, embeds.shape[-1]))
+            query_index = torch.where(real, layout.text_start + cache.window_fill[:, None] + steps, layout.scratch)
+            written = torch.zeros_like(cache.key_valid).scatter_(1, query_index, real)
+            written[:, layout.scratch] = False
+            cache.key_valid = cache.key_valid | written
+            _, text_start = self._slot_positions(cache.memory.slot_valid(self.config.global_mem_size))
+            position_ids = text_start[:, None] + cache.window_fill[:, None] + steps
+            outputs = self._cache_step(cache, hidden, query_index, position_ids, inject_slots=False)
+            on_text_hidden(consumed, real, outputs[-1])
+            cache.window_fill = cache.window_fill + take
+            consumed = consumed + take
+            full = cache.window_fill >= C
+            if bool(full.any()):
+                self._fold_windows(cache, full)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: CometCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        layer_major: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): text tokens of any length.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for real tokens, 0 for padding (left or right). Each sequence is chunked from its own first token.
+            position_ids: ignored; CoMeT assigns positions per chunk (they restart in every chunk).
+            cache (`CometCache`, *optional*): generation state; when given (or `use_cache=True`), the input is
+                appended to it and the live window folds into memory whenever it reaches `chunk_size`.
+            labels (`torch.LongTensor`, *optional*): next-token targets over the text (-100 ignored). The loss is
+                computed chunk by chunk, so no full-length logits are needed for it.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0): keep logits for only the last
+                `logits_to_keep` positions (0 keeps all), or for the given indices.
+            layer_major (`bool`, *optional*): execution order of the whole-chunk path (default `config.layer_major`).
+        """
+        cache = kwargs.pop("past_key_values", cache)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2 or input_ids.numel() == 0:
+                raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}")
+            vocab = self.config.base_config.vocab_size
+            if int(input_ids.max()) >= vocab or int(input_ids.min()) < 0:
+                raise ValueError(
+                    f"input_ids contain id {int(input_ids.max())} outside the model's vocabulary of {vocab} tokens: "
+                    "the tokenizer does not match the base model"
+                )
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
+            raise ValueError(f"inputs_embeds must be a non-empty (batch, length, hidden) tensor, got {tuple(inputs_embeds.shape)}")
+        B, L, d = inputs_embeds.shape
+        if attention_mask is None:
+            valid = torch.ones(B, L, dtype=torch.bool, device=inputs_embeds.device)
+        else:
+            if attention_mask.dim() != 2:
+                raise ValueError("CoMeT takes a 2D (batch, length) attention_mask; it builds its own attention layout")
+            valid = attention_mask[:, -L:].bool()
+        if use_cache and cache is None:
+            cache = CometCache()
+        if cache is not None and not isinstance(cache, CometCache):
+            raise TypeError(f"CoMeT needs a CometCache, got {type(cache).__name__}")
+
+        # Keep each sequence's real tokens first so that every sequence is chunked from its own start.
+        order = _valid_first_order(valid)
+        embeds = inputs_embeds.gather(1, order[..., None].expand(-1, -1, d))
+        valid_sorted = valid.gather(1, order)
+        inverse = torch.argsort(order, dim=1)
+
+        # Which original columns need logits, as indices into the valid-first layout: (B, K).
+        if isinstance(logits_to_keep, int):
+            keep_cols = torch.arange(L - logits_to_keep if logits_to_keep else 0, L, device=embeds.device)
+        else:
+            keep_cols = logits_to_keep.to(embeds.device)
+        keep = inverse[:, keep_cols]  # (B, K)
+        kept_hidden = embeds.new_zeros(B, keep.shape[1], d)
+
+        shift_labels = None
+        loss_sum = embeds.new_zeros(())
+        if labels is not None:
+            shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # target of column t is label t+1
+            shift_labels = shifted.gather(1, order).masked_fill(~valid_sorted, -100)
+
+        def collect(start, real, text_hidden):
+            """Gather kept final states; accumulate the loss. start: int or (B,) offsets of the chunk."""
+            nonlocal kept_hidden, loss_sum
+            n = text_hidden.shape[1]
+            offsets = start if torch.is_tensor(start) else torch.full((B,), start, device=embeds.device)
+            columns = offsets[:, None] + torch.arange(n, device=embeds.device)  # (B, n) valid-first indices
+            if real is None:
+                real = columns < L
+            normed = self.model.norm(text_hidden)
+            rel = keep - offsets[:, None]
+            hit = (rel >= 0) & (rel < n)
+            if bool(hit.any()):
+                real_hit = hit & real.gather(1, rel.clamp(0, n - 1))
+                picked = normed.gather(1, rel.clamp(0, n - 1)[..., None].expand(-1, -1, d))
+                kept_hidden = torch.where(real_hit[..., None], picked, kept_hidden)
+            if shift_labels is not None:
+                targets = shift_labels.gather(1, columns.clamp(max=L - 1)).masked_fill(~real, -100)
+                logits = self.lm_head(normed).float()
+                loss_sum = loss_sum + F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+
+        if cache is not None:
+            self._forward_with_cache(embeds, valid_sorted, cache, collect)
+        else:
+            major = self.config.layer_major if layer_major is None else layer_major
+            self._forward_chunks(embeds, valid_sorted, lambda start, h: collect(start, None, h), major)
+
+        logits = self.lm_head(kept_hidden)
+        loss = None
+        if shift_labels is not None:
+            count = kwargs.get("num_items_in_batch")
+            if count is None:
+                count = (shift_labels != -100).sum()
+            loss = loss_sum / torch.as_tensor(count, device=loss_sum.device).clamp(min=1)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: cache})
+
+    # ------------------------------------------------------------------ generation glue
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if model_kwargs.get("cache") is None and model_kwargs.get("past_key_values") is None:
+            if generation_config.use_cache is not False:
+                model_kwargs["cache"] = CometCache()
+            return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def new_cache(self) -> CometCache:
+        """An empty generation state, to pass as ``cache=`` when reading a long input in several calls."""
+        return CometCache()
+
+
+__all__ = [
+    "CometCache",
+    "CometForCausalLM",
+    "CometLayerMemory",
+    "CometMemory",
+    "CometMemoryState",
+    "CometPreTrainedModel",
+    "CometWindowLayout",
+]
