@@ -482,7 +482,8 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
         temp_valid = state.temp_valid
         if self.config.use_temp_memory:
             new = folded[:, None].expand(-1, self.config.beacons_per_chunk)
-            temp_valid = torch.cat([temp_valid, new], dim=1)[:, -self.config.temp_slots :]
+            shifted = torch.cat([temp_valid, new], dim=1)[:, -self.config.temp_slots :]
+            temp_valid = torch.where(folded[:, None], shifted, temp_valid)
         return global_valid, temp_valid
 
     def _special_embeddings(self, batch_size: int, dtype) -> torch.Tensor:
@@ -838,3 +839,8 @@ __all__ = [
     "CometPreTrainedModel",
     "CometWindowLayout",
 ]
+
+# Saving writes these classes' files into the checkpoint and an auto_map to them, so that
+# AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) works without this package.
+CometConfig.register_for_auto_class()
+CometForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -1,0 +1,23 @@
+"""Model code of the library: CoMeT (and the files a Hub checkpoint carries).
+
+Importing this package also registers the models with the transformers Auto classes, so that
+`AutoModelForCausalLM.from_pretrained(folder)` works without `trust_remote_code` when it is installed.
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .configuration_comet import SUPPORTED_BASE_MODEL_TYPES, CometConfig
+from .modeling_comet import CometCache, CometForCausalLM, CometMemoryState
+
+
+def _register(config_cls, model_cls) -> None:
+    try:
+        AutoConfig.register(config_cls.model_type, config_cls)
+        AutoModelForCausalLM.register(config_cls, model_cls)
+    except ValueError:  # already registered (e.g. imported twice under different names)
+        pass
+
+
+_register(CometConfig, CometForCausalLM)
+
+__all__ = ["SUPPORTED_BASE_MODEL_TYPES", "CometCache", "CometConfig", "CometForCausalLM", "CometMemoryState"]
