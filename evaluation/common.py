@@ -1,0 +1,160 @@
+"""Helpers shared by the evaluation entry points: model loading, token ids, forward passes, outputs."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Short names resolved to local folders; everything else is a path or a Hub repo id.
+MODEL_ALIASES = ("smollm2", "smollm2-comet")
+
+
+def resolve_model_path(name: str) -> tuple[str, bool]:
+    """Return ``(path_or_repo_id, needs_remote_code)`` for a model name or alias."""
+    if name == "smollm2":
+        from convert.smollm2 import smollm2_path
+
+        return str(smollm2_path()), False
+    if name == "smollm2-comet":
+        try:
+            from convert.comet_default import comet_default_path
+        except ImportError as error:
+            raise ValueError(
+                "The model name 'smollm2-comet' needs convert/comet_default.py (comet_default_path), "
+                f"which is not available: {error}"
+            ) from error
+        return str(comet_default_path()), True
+    return name, False
+
+
+def load_model_and_tokenizer(
+    name: str, trust_remote_code: bool = False, dtype: str = "float32", device: str = "cpu"
+) -> tuple[torch.nn.Module, Any]:
+    """Load a causal LM and its tokenizer from an alias, a local folder or a Hub repo id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, needs_remote_code = resolve_model_path(name)
+    trust_remote_code = trust_remote_code or needs_remote_code
+    if path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"Model folder {path!r} does not exist.")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype))
+    return model.to(device).eval(), tokenizer
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments every entry point takes to load a model."""
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow custom modelling code from the model folder"
+    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (samples are identical across models)")
+
+
+def special_token_id(tokenizer: Any, model: torch.nn.Module | None, name: str) -> int | None:
+    """The model's own ``bos``/``eos`` id: the tokenizer's first, then the (text) config's."""
+    token_id = getattr(tokenizer, f"{name}_token_id", None) if tokenizer is not None else None
+    if token_id is None and model is not None:
+        config = model.config
+        token_id = getattr(config, f"{name}_token_id", None)
+        if token_id is None and hasattr(config, "get_text_config"):
+            token_id = getattr(config.get_text_config(), f"{name}_token_id", None)
+    if isinstance(token_id, list | tuple):
+        token_id = token_id[0] if token_id else None
+    return token_id
+
+
+def is_comet(model: torch.nn.Module) -> bool:
+    """CoMeT reads input chunk by chunk, so its input length is not bounded by position embeddings."""
+    return getattr(model.config, "model_type", None) == "comet"
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """Longest input the model was built for, or ``None`` when unbounded (CoMeT) or unknown."""
+    if is_comet(model):
+        return None
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@torch.inference_mode()
+def last_logits(model: torch.nn.Module, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
+    """Logits at the last ``keep`` positions of ``input_ids`` (B, T) -> (B, keep, V).
+
+    Passes ``logits_to_keep`` when the model supports it, so long inputs never materialise (T, V) logits.
+    """
+    kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = keep
+    logits = model(**kwargs).logits
+    return logits[:, -keep:]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def atomic_write_json(path: str | Path, payload: dict) -> Path:
+    """Write JSON to a temporary sibling then rename it, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, allow_nan=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_save_figure(figure: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG through a temporary sibling."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        figure.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def model_label(name: str) -> str:
+    """A file-system friendly label for a model name or path."""
+    return Path(name.rstrip("/")).name or name

@@ -1,0 +1,388 @@
+"""Forgetting curve: how far back a causal LM can copy, against what it guesses as a language model.
+
+For each copy distance L a random corpus span X of L tokens is scored, in one teacher-forced pass with
+greedy argmax, on the last ceil(L/2) tokens of its second occurrence in
+
+- copy:           ``[BOS] X [BOS] X``  -> copy accuracy
+- language model: ``[BOS] R [BOS] X``  -> LM accuracy, R an unrelated span of the same length.
+
+The fine-grained memory length is the longest L up to which copy accuracy stays >= a threshold; the
+coarse-grained one is the longest L up to which copy accuracy is significantly above LM accuracy
+(one-sided paired t-test). BOS is the model's own. CoMeT is scored through its own chunked forward.
+
+Usage::
+
+    python -m evaluation.forgetting_curve --model smollm2 --max-length 4095 --output-dir results/forgetting_curve/smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .common import (
+    add_model_arguments,
+    atomic_save_figure,
+    atomic_write_json,
+    is_comet,
+    last_logits,
+    load_model_and_tokenizer,
+    max_positions,
+    model_device,
+    pyplot,
+    special_token_id,
+)
+
+MIN_LENGTH = 8
+
+
+# ----------------------------------------------------------------------------------------------- corpus
+def default_corpus_texts() -> list[str]:
+    """The standard library's ``pydoc_data.topics``: ~90k tokens of English prose, always available offline."""
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def load_corpus_texts(
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    text_files: list[str] | None = None,
+) -> list[str]:
+    """Documents from local text files, a ``datasets`` source (Hub name or local data file), or the default."""
+    if dataset and text_files:
+        raise ValueError("Give either --dataset or --text-files, not both.")
+    if text_files:
+        missing = [name for name in text_files if not Path(name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"Text files not found: {', '.join(missing)}")
+        return [Path(name).read_text(encoding="utf-8") for name in text_files]
+    if dataset:
+        import datasets
+
+        local = Path(dataset)
+        if local.is_file():
+            builder = {".jsonl": "json", ".json": "json", ".txt": "text", ".csv": "csv", ".parquet": "parquet"}.get(
+                local.suffix
+            )
+            if builder is None:
+                raise ValueError(f"Cannot tell the format of {dataset}; use .json, .jsonl, .txt, .csv or .parquet.")
+            data = datasets.load_dataset(builder, data_files=str(local), split="train")
+        else:
+            data = datasets.load_dataset(dataset, dataset_config, split=split)
+        if text_field not in data.column_names:
+            raise ValueError(f"Dataset has no field {text_field!r}; its fields are {data.column_names}.")
+        return [text for text in data[text_field] if text]
+    return default_corpus_texts()
+
+
+def tokenize_corpus(tokenizer: Any, texts: list[str], max_tokens: int | None = None) -> torch.Tensor:
+    """Concatenate the documents' token ids (no special tokens) into one 1-D stream."""
+    pieces, total = [], 0
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        pieces.append(torch.tensor(ids, dtype=torch.long))
+        total += len(ids)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    if not pieces:
+        raise ValueError("The corpus is empty.")
+    return torch.cat(pieces)
+
+
+# ----------------------------------------------------------------------------------------------- grid
+def length_grid(max_length: int, num_points: int = 32, scale: str = "log", min_length: int = MIN_LENGTH) -> list[int]:
+    """Copy distances from ``min_length`` to ``max_length``: evenly spaced (``linear``) or geometric (``log``).
+
+    Rounding can merge neighbouring points at short lengths, so the grid may hold fewer than ``num_points``.
+    """
+    if min_length < MIN_LENGTH:
+        raise ValueError(f"The minimum length must be at least {MIN_LENGTH}, got {min_length}.")
+    if max_length < min_length:
+        raise ValueError(f"The maximum length must be at least {min_length}, got {max_length}.")
+    if num_points < 1:
+        raise ValueError(f"Need at least one grid point, got {num_points}.")
+    if scale == "linear":
+        points = np.linspace(min_length, max_length, num_points)
+    elif scale == "log":
+        points = np.geomspace(min_length, max_length, num_points)
+    else:
+        raise ValueError(f"Unknown grid scale {scale!r}; use 'linear' or 'log'.")
+    return sorted({int(round(point)) for point in points})
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+def scored_count(length: int) -> int:
+    """Number of scored tokens for copy distance ``length``: the last ceil(L/2) of the second span."""
+    return math.ceil(length / 2)
+
+
+def second_half_accuracy(model: torch.nn.Module, input_ids: torch.Tensor, length: int) -> float:
+    """Greedy accuracy on the last ceil(L/2) tokens of ``input_ids`` (1, T) in one teacher-forced pass.
+
+    Logits at position t predict token t+1, so the last h targets need the h logits before the last one.
+    """
+    scored = scored_count(length)
+    logits = last_logits(model, input_ids, scored + 1)[:, :-1]  # (1, h, V)
+    targets = input_ids[:, -scored:]  # (1, h)
+    return (logits.argmax(-1) == targets).float().mean().item()
+
+
+def sample_spans(
+    num_tokens: int, length: int, generator: np.random.Generator, max_tries: int = 1000
+) -> tuple[int, int]:
+    """Starts of two non-overlapping spans of ``length`` tokens in a stream of ``num_tokens``."""
+    if num_tokens < 2 * length:
+        raise ValueError(
+            f"The corpus has {num_tokens} tokens, too few for two disjoint spans of {length}; "
+            "use a larger corpus or a smaller --max-length."
+        )
+    last_start = num_tokens - length
+    for _ in range(max_tries):
+        copy_start = int(generator.integers(0, last_start + 1))
+        before = max(0, copy_start - length + 1)  # starts r with r + L <= copy_start
+        after = max(0, last_start - (copy_start + length) + 1)  # starts r >= copy_start + L
+        if before + after == 0:
+            continue
+        pick = int(generator.integers(0, before + after))
+        other_start = pick if pick < before else copy_start + length + (pick - before)
+        return copy_start, other_start
+    raise ValueError(f"Could not place two disjoint spans of {length} tokens in {num_tokens} tokens.")
+
+
+def copy_and_lm_inputs(bos_id: int, span: torch.Tensor, unrelated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[BOS] X [BOS] X`` and ``[BOS] R [BOS] X`` as (1, 2L+2) tensors."""
+    bos = torch.tensor([bos_id], dtype=torch.long)
+    copy_ids = torch.cat([bos, span, bos, span])
+    lm_ids = torch.cat([bos, unrelated, bos, span])
+    return copy_ids.unsqueeze(0), lm_ids.unsqueeze(0)
+
+
+def measure(
+    model: torch.nn.Module,
+    corpus: torch.Tensor,
+    bos_id: int,
+    lengths: list[int],
+    samples: int = 10,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, list[list[float]]]:
+    """Copy and LM accuracies, ``samples`` per length, with the same spans for both (a paired design)."""
+    if samples < 1:
+        raise ValueError(f"Need at least one sample per length, got {samples}.")
+    generator = np.random.default_rng(seed)
+    device = model_device(model)
+    copy_acc, lm_acc = [], []
+    bar = tqdm(total=len(lengths) * samples, desc="forgetting curve", disable=not progress)
+    for length in lengths:
+        copy_row, lm_row = [], []
+        for _ in range(samples):
+            copy_start, other_start = sample_spans(len(corpus), length, generator)
+            copy_ids, lm_ids = copy_and_lm_inputs(
+                bos_id, corpus[copy_start : copy_start + length], corpus[other_start : other_start + length]
+            )
+            copy_row.append(second_half_accuracy(model, copy_ids.to(device), length))
+            lm_row.append(second_half_accuracy(model, lm_ids.to(device), length))
+            bar.update(1)
+            bar.set_postfix(L=length, copy=f"{np.mean(copy_row):.3f}", lm=f"{np.mean(lm_row):.3f}")
+        copy_acc.append(copy_row)
+        lm_acc.append(lm_row)
+    bar.close()
+    return {"copy": copy_acc, "lm": lm_acc}
+
+
+def paired_p_value(copy_row: list[float], lm_row: list[float]) -> float:
+    """One-sided paired t-test p-value for copy > LM; exact 0/1 when the differences do not vary."""
+    from scipy import stats
+
+    differences = np.asarray(copy_row) - np.asarray(lm_row)
+    if len(differences) < 2 or np.allclose(differences, differences[0]):
+        # No spread: the test is undefined. A constant positive gap is certain, anything else is not.
+        return 0.0 if len(differences) >= 2 and differences[0] > 0 else 1.0
+    return float(stats.ttest_rel(copy_row, lm_row, alternative="greater").pvalue)
+
+
+def longest_prefix_length(lengths: list[int], passed: list[bool]) -> int:
+    """Largest L such that every grid point up to and including L passed; 0 if the first one fails."""
+    best = 0
+    for length, ok in zip(lengths, passed, strict=True):
+        if not ok:
+            break
+        best = length
+    return best
+
+
+def summarise(
+    lengths: list[int],
+    accuracies: dict[str, list[list[float]]],
+    copy_threshold: float = 0.99,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """Mean ± std per length, paired p-values, and the fine- and coarse-grained memory lengths."""
+    rows = []
+    for length, copy_row, lm_row in zip(lengths, accuracies["copy"], accuracies["lm"], strict=True):
+        ddof = 1 if len(copy_row) > 1 else 0
+        rows.append(
+            {
+                "length": length,
+                "scored_tokens": scored_count(length),
+                "copy_mean": float(np.mean(copy_row)),
+                "copy_std": float(np.std(copy_row, ddof=ddof)),
+                "lm_mean": float(np.mean(lm_row)),
+                "lm_std": float(np.std(lm_row, ddof=ddof)),
+                "p_value": paired_p_value(copy_row, lm_row),
+                "copy": [float(value) for value in copy_row],
+                "lm": [float(value) for value in lm_row],
+            }
+        )
+    fine = longest_prefix_length(lengths, [row["copy_mean"] >= copy_threshold for row in rows])
+    coarse = longest_prefix_length(
+        lengths, [row["p_value"] < alpha and row["copy_mean"] > row["lm_mean"] for row in rows]
+    )
+    return {
+        "copy_threshold": copy_threshold,
+        "alpha": alpha,
+        "fine_memory_length": fine,
+        "coarse_memory_length": coarse,
+        "per_length": rows,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- plot
+def plot(summary: dict[str, Any], title: str, train_length: int | None, scale: str, path: Path) -> Path:
+    """Copy and LM accuracy against L with ±std bands; training length and its half as vertical lines."""
+    plt = pyplot()
+    rows = summary["per_length"]
+    lengths = np.array([row["length"] for row in rows])
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for key, label, colour in (("copy", "copy", "tab:blue"), ("lm", "language model", "tab:orange")):
+        mean = np.array([row[f"{key}_mean"] for row in rows])
+        std = np.array([row[f"{key}_std"] for row in rows])
+        axis.plot(lengths, mean, marker="o", markersize=3, color=colour, label=f"{label} accuracy")
+        axis.fill_between(lengths, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color=colour, alpha=0.2)
+    if train_length:
+        axis.axvline(train_length, color="black", linestyle="--", linewidth=1, label=f"training length {train_length}")
+        axis.axvline(train_length / 2, color="grey", linestyle=":", linewidth=1, label=f"half: {train_length // 2}")
+    for key, style, label in (("fine_memory_length", "-", "fine"), ("coarse_memory_length", "-.", "coarse")):
+        if summary[key]:
+            axis.axvline(
+                summary[key], color="tab:green", linestyle=style, linewidth=1, label=f"{label} memory {summary[key]}"
+            )
+    if scale == "log":
+        axis.set_xscale("log", base=2)
+    axis.set_xlabel("copy distance L (tokens)")
+    axis.set_ylabel("accuracy on the last ceil(L/2) tokens")
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="best")
+    try:
+        return atomic_save_figure(figure, path)
+    finally:
+        plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------- cli
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluation.forgetting_curve",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="local folder, Hub repo id, 'smollm2' or 'smollm2-comet'")
+    add_model_arguments(parser)
+    parser.add_argument("--output-dir", required=True, help="folder for forgetting_curve.json and .png")
+    parser.add_argument("--max-length", type=int, required=True, help=f"largest copy distance L (>= {MIN_LENGTH})")
+    parser.add_argument("--min-length", type=int, default=MIN_LENGTH, help="smallest copy distance L")
+    parser.add_argument("--num-points", type=int, default=32, help="grid points (duplicates after rounding merge)")
+    parser.add_argument("--grid", choices=["log", "linear"], default="log", help="geomspace or linspace grid")
+    parser.add_argument("--samples", type=int, default=10, help="random spans per length")
+    parser.add_argument("--copy-threshold", type=float, default=0.99, help="copy accuracy for the fine memory length")
+    parser.add_argument("--alpha", type=float, default=0.05, help="significance level for the coarse memory length")
+    parser.add_argument(
+        "--train-length",
+        type=int,
+        default=None,
+        help="training length to mark (default: max_position_embeddings; 0 hides it)",
+    )
+    parser.add_argument(
+        "--allow-beyond-max-positions",
+        action="store_true",
+        help="score inputs (2L+2 tokens) longer than the model's max_position_embeddings",
+    )
+    parser.add_argument("--bos-token-id", type=int, default=None, help="override the model's own BOS id")
+    corpus = parser.add_argument_group("corpus (default: the standard library's pydoc_data.topics)")
+    corpus.add_argument("--dataset", default=None, help="datasets Hub name or local data file")
+    corpus.add_argument("--dataset-config", default=None, help="datasets configuration name")
+    corpus.add_argument("--split", default="train", help="datasets split")
+    corpus.add_argument("--text-field", default="text", help="field holding the text")
+    corpus.add_argument("--text-files", nargs="+", default=None, help="local UTF-8 text files")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    if not 0 < args.copy_threshold <= 1:
+        raise ValueError(f"--copy-threshold must be in (0, 1], got {args.copy_threshold}.")
+    if not 0 < args.alpha < 1:
+        raise ValueError(f"--alpha must be in (0, 1), got {args.alpha}.")
+    lengths = length_grid(args.max_length, args.num_points, args.grid, args.min_length)
+    texts = load_corpus_texts(args.dataset, args.dataset_config, args.split, args.text_field, args.text_files)
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.trust_remote_code, args.dtype, args.device)
+    bos_id = args.bos_token_id if args.bos_token_id is not None else special_token_id(tokenizer, model, "bos")
+    if bos_id is None:
+        raise ValueError("The model has no BOS token in its tokenizer or config; pass --bos-token-id.")
+    limit = max_positions(model)
+    longest_input = 2 * lengths[-1] + 2
+    if limit is not None and longest_input > limit and not args.allow_beyond_max_positions:
+        raise ValueError(
+            f"The longest input, 2*{lengths[-1]}+2 = {longest_input} tokens, exceeds the model's {limit} positions; "
+            f"use --max-length {(limit - 2) // 2} or --allow-beyond-max-positions."
+        )
+    # Enough text for two disjoint spans of the longest length, with room for the sampling to vary.
+    corpus = tokenize_corpus(tokenizer, texts, max_tokens=max(8 * lengths[-1], 100_000))
+
+    start = time.time()
+    accuracies = measure(model, corpus, bos_id, lengths, args.samples, args.seed, progress=not args.no_progress)
+    summary = summarise(lengths, accuracies, args.copy_threshold, args.alpha)
+    train_length = args.train_length if args.train_length is not None else max_positions(model)
+    result = {
+        "model": args.model,
+        "model_type": getattr(model.config, "model_type", None),
+        "chunked_forward": is_comet(model),
+        "bos_token_id": bos_id,
+        "corpus": args.dataset or (args.text_files and [str(name) for name in args.text_files]) or "pydoc_data.topics",
+        "corpus_tokens": len(corpus),
+        "grid": args.grid,
+        "lengths": lengths,
+        "samples": args.samples,
+        "seed": args.seed,
+        "train_length": train_length or None,
+        "seconds": round(time.time() - start, 1),
+        **summary,
+    }
+    output_dir = Path(args.output_dir)
+    atomic_write_json(output_dir / "forgetting_curve.json", result)
+    title = f"Forgetting curve: {args.model} (fine {summary['fine_memory_length']}, coarse {summary['coarse_memory_length']})"
+    plot(summary, title, train_length or None, args.grid, output_dir / "forgetting_curve.png")
+    print(
+        f"fine-grained memory length {summary['fine_memory_length']}, coarse-grained {summary['coarse_memory_length']}"
+        f" ({result['seconds']} s); wrote {output_dir / 'forgetting_curve.json'} and .png"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()
