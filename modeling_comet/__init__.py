@@ -1,4 +1,4 @@
-"""Model code of the library: CoMeT (and the files a Hub checkpoint carries).
+"""Model code of the library: CoMeT and RAM (and the files a Hub checkpoint carries).
 
 Importing this package also registers the models with the transformers Auto classes, so that
 `AutoModelForCausalLM.from_pretrained(folder)` works without `trust_remote_code` when it is installed.
@@ -7,7 +7,9 @@ Importing this package also registers the models with the transformers Auto clas
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_comet import SUPPORTED_BASE_MODEL_TYPES, CometConfig
+from .configuration_ram import RamConfig
 from .modeling_comet import CometCache, CometForCausalLM, CometMemoryState
+from .modeling_ram import RamForCausalLM
 
 
 def _register(config_cls, model_cls) -> None:
@@ -19,5 +21,14 @@ def _register(config_cls, model_cls) -> None:
 
 
 _register(CometConfig, CometForCausalLM)
+_register(RamConfig, RamForCausalLM)
 
-__all__ = ["SUPPORTED_BASE_MODEL_TYPES", "CometCache", "CometConfig", "CometForCausalLM", "CometMemoryState"]
+__all__ = [
+    "SUPPORTED_BASE_MODEL_TYPES",
+    "CometCache",
+    "CometConfig",
+    "CometForCausalLM",
+    "CometMemoryState",
+    "RamConfig",
+    "RamForCausalLM",
+]

@@ -62,8 +62,6 @@ class RamQuestionAnsweringPipeline(Pipeline):
         return {"context_ids": context["input_ids"], "question_ids": question["input_ids"]}
 
     def _forward(self, model_inputs, **generate_kwargs):
-        if "generation_config" not in generate_kwargs and self.generation_config is not None:
-            generate_kwargs["generation_config"] = self.generation_config
         return {"answer_ids": self.model.generate(**model_inputs, **generate_kwargs)}
 
     def postprocess(self, model_outputs):
