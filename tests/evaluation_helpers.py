@@ -36,6 +36,8 @@ class TinyConfig(PreTrainedConfig):
     def __init__(self, vocab_size: int = 103, max_position_embeddings: int = 4096, **kwargs):
         self.vocab_size = vocab_size
         self.max_position_embeddings = max_position_embeddings
+        self.num_hidden_layers = 1  # read by generate(); these models keep no cache
+        kwargs.setdefault("use_cache", False)
         kwargs.setdefault("bos_token_id", 1)
         kwargs.setdefault("eos_token_id", 2)
         kwargs.setdefault("pad_token_id", 2)
