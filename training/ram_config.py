@@ -1,0 +1,89 @@
+"""Training configuration of RAM: `transformers.TrainingArguments` plus the model, data and tuning fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from modeling_comet.position_layout import POSITION_LAYOUTS
+
+FINETUNING_MODES = ("lora", "full", "encoder")
+
+
+@dataclass
+class RamTrainingConfig(TrainingArguments):
+    r"""
+    Arguments of [`RamTrainer`] and of `python -m training.ram_trainer`.
+
+    Besides every `TrainingArguments` field:
+
+    Args:
+        model_name_or_path (`str`, *optional*):
+            A base causal LM (RAM is built on it with `RamForCausalLM.from_base`) or a saved RAM model.
+            Defaults to the embedded SmolLM2-135M-Instruct.
+        train_file (`str`, *optional*):
+            NQ-style JSONL: `question` (str), `answers` (list of str), `ctxs` (list of `{"title", "text"}`), and
+            optionally `positive_segments` (segment indices relevant to the question).
+        encoder_layers (`int`, *optional*, defaults to 8):
+            Base layers copied into the RAM encoder (new models only).
+        segment_size (`int`, *optional*, defaults to 32):
+            Segment width in tokens (new models only).
+        keep_ratio (`float`, *optional*, defaults to 0.25):
+            Fraction of segments kept as tokens.
+        position_layout (`str`, *optional*, defaults to `"default"`):
+            `"default"` or `"epl"` decoder positions.
+        contrastive_temperature (`float`, *optional*, defaults to 0.05):
+            `tau` of the contrastive loss.
+        contrastive_weight (`float`, *optional*, defaults to 1.0):
+            `lambda` in `NLL + lambda * L_con`.
+        max_context_tokens (`int`, *optional*, defaults to 4096):
+            Contexts are cut to this many tokens.
+        question_template (`str`, *optional*, defaults to `"\n\nQuestion: {question}\nAnswer:"`):
+            Text the decoder reads after the context; `{question}` is replaced.
+        finetuning (`str`, *optional*, defaults to `"lora"`):
+            `"lora"`: LoRA on the decoder's attention projections, encoder and alignment fully trained (saved through
+            `modules_to_save`); `"full"`: every parameter; `"encoder"`: encoder and alignment only, decoder frozen.
+        lora_r (`int`, *optional*, defaults to 8), lora_alpha (`int`, *optional*, defaults to 16):
+            LoRA rank and scaling.
+        lora_target_modules (`str`, *optional*):
+            Regular expression of the decoder modules LoRA adapts (full-match on module names).
+    """
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "base causal LM or saved RAM model"})
+    train_file: str | None = field(default=None, metadata={"help": "NQ-style JSONL (question, answers, ctxs)"})
+    encoder_layers: int = field(default=8, metadata={"help": "base layers copied into the RAM encoder"})
+    segment_size: int = field(default=32, metadata={"help": "segment width in tokens"})
+    keep_ratio: float = field(default=0.25, metadata={"help": "fraction of segments kept as tokens"})
+    position_layout: str = field(default="default", metadata={"help": f"one of {POSITION_LAYOUTS}"})
+    contrastive_temperature: float = field(default=0.05, metadata={"help": "tau of the contrastive loss"})
+    contrastive_weight: float = field(default=1.0, metadata={"help": "lambda of the contrastive loss"})
+    max_context_tokens: int = field(default=4096, metadata={"help": "contexts are cut to this many tokens"})
+    question_template: str = field(
+        default="\n\nQuestion: {question}\nAnswer:", metadata={"help": "decoder text after the context"}
+    )
+    finetuning: str = field(default="lora", metadata={"help": f"one of {FINETUNING_MODES}"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_target_modules: str = field(
+        default=r"decoder\..*\.(q_proj|k_proj|v_proj|o_proj)",
+        metadata={"help": "regex (full match) of decoder modules adapted by LoRA"},
+    )
+    remove_unused_columns: bool = field(default=False, metadata={"help": "RAM batches carry custom columns"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        errors = []
+        if self.finetuning not in FINETUNING_MODES:
+            errors.append(f"finetuning must be one of {FINETUNING_MODES}, got {self.finetuning!r}")
+        if self.position_layout not in POSITION_LAYOUTS:
+            errors.append(f"position_layout must be one of {POSITION_LAYOUTS}, got {self.position_layout!r}")
+        if "{question}" not in self.question_template:
+            errors.append(f"question_template must contain '{{question}}', got {self.question_template!r}")
+        if self.max_context_tokens < 1:
+            errors.append(f"max_context_tokens must be positive, got {self.max_context_tokens}")
+        if errors:
+            raise ValueError("Invalid RAM training configuration: " + "; ".join(errors))
+
+
+__all__ = ["FINETUNING_MODES", "RamTrainingConfig"]
