@@ -829,6 +829,33 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
         """An empty generation state, to pass as ``cache=`` when reading a long input in several calls."""
         return CometCache()
 
+    @torch.no_grad()
+    def read(
+        self,
+        input_ids: torch.LongTensor,
+        cache: CometCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        progress: bool = False,
+    ) -> CometCache:
+        """Read ``input_ids`` into a cache one chunk at a time (optionally with a progress bar) and return it.
+
+        Continue with ``generate(full_input_ids, cache=cache, ...)``: generate only feeds the tokens the
+        cache has not seen. Reading everything but the last prompt token leaves it for generate to feed.
+        Padding must be on the left (as generate expects), so that every chunk holds real tokens.
+        """
+        from transformers.utils.logging import tqdm
+
+        cache = cache if cache is not None else CometCache()
+        step = self.config.chunk_size
+        length = input_ids.shape[1]
+        with tqdm(total=length, unit="tok", desc="CoMeT reading", disable=not progress) as bar:
+            for start in range(0, length, step):
+                end = min(start + step, length)
+                mask = None if attention_mask is None else attention_mask[:, : end]
+                self(input_ids[:, start:end], attention_mask=mask, cache=cache, logits_to_keep=1)
+                bar.update(end - start)
+        return cache
+
 
 __all__ = [
     "CometCache",

@@ -1,0 +1,137 @@
+"""Turn a pretrained Llama-family causal LM into a CoMeT checkpoint folder (Hub-ready).
+
+    python -m convert.to_comet BASE_PATH_OR_REPO OUTPUT_DIR [--chunk-size 256 --global-mem-size 8 ...]
+
+The base weights are mapped onto the CoMeT model with an explicit key table; any base key the
+table does not map, and any CoMeT key left without a value (other than the new memory), is an
+error. After conversion the script checks that an input shorter than one chunk gives the base
+model's logits, then writes weights (safetensors), remote code, tokenizer and a model card to a
+temporary folder and renames it into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from modeling_comet import CometForCausalLM
+
+# (base key pattern, CoMeT key template). CoMeT keeps the base names; the memory is new.
+KEY_TABLE = [
+    (re.compile(r"^model\.(embed_tokens|norm)\.weight$"), r"model.\1.weight"),
+    (re.compile(r"^model\.layers\.(\d+)\.(.+)$"), r"model.layers.\1.\2"),
+    (re.compile(r"^lm_head\.weight$"), "lm_head.weight"),
+]
+NEW_KEY_PREFIX = "comet_memory."
+CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "hub_cards" / "comet.md"
+
+
+def map_base_key(key: str) -> str:
+    for pattern, template in KEY_TABLE:
+        if pattern.match(key):
+            return pattern.sub(template, key)
+    raise KeyError(f"base weight {key!r} has no entry in the CoMeT key table")
+
+
+def check_key_mapping(base_state: dict, comet_state: dict, tied: bool) -> None:
+    """Fail on any unmapped base key or any CoMeT key (outside the new memory) that nothing maps to."""
+    mapped = {map_base_key(k) for k in base_state if not k.endswith("rotary_emb.inv_freq")}
+    unknown = mapped - comet_state.keys()
+    if unknown:
+        raise KeyError(f"mapped base keys missing from the CoMeT model: {sorted(unknown)[:5]}")
+    uncovered = {k for k in comet_state if not k.startswith(NEW_KEY_PREFIX)} - mapped
+    if tied:
+        uncovered.discard("lm_head.weight")
+    if uncovered:
+        raise KeyError(f"CoMeT weights with no base weight: {sorted(uncovered)[:5]}")
+
+
+def render_model_card(config, base_model: str, model_name: str, training_note: str, repo_hint: str) -> str:
+    fields = {name: getattr(config, name) for name in (
+        "chunk_size", "global_mem_size", "temp_beacon_stride", "temp_mem_budget", "adapter_rank", "position_layout"
+    )}
+    return CARD_TEMPLATE.read_text().format(
+        base_model=base_model,
+        model_name=model_name,
+        license="apache-2.0",
+        training_note=training_note,
+        repo_hint=repo_hint,
+        **fields,
+    )
+
+
+@torch.no_grad()
+def check_parity(base, model, vocab_size: int, length: int) -> float:
+    ids = torch.randint(0, vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    diff = (base(ids).logits - model(ids).logits).abs().max().item()
+    if diff > 1e-3:
+        raise RuntimeError(f"CoMeT logits differ from the base model's on a one-chunk input by {diff}")
+    return diff
+
+
+def convert(
+    base_path: str | Path,
+    output_dir: str | Path,
+    training_note: str = "The memory parameters are freshly initialised: fine-tune before relying on long-range recall.",
+    **memory_fields,
+) -> Path:
+    output_dir = Path(output_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if len(tokenizer) > base.config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {base.config.vocab_size}"
+        )
+    model = CometForCausalLM.from_base(base, **memory_fields).eval()
+    check_key_mapping(base.state_dict(), model.state_dict(), model.config.tie_word_embeddings)
+    diff = check_parity(base, model, base.config.vocab_size, min(model.config.chunk_size, 64))
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=output_dir.name + ".tmp-", dir=output_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        card = render_model_card(model.config, str(base_path), output_dir.name, training_note, str(output_dir))
+        (tmp / "README.md").write_text(card)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {output_dir} (one-chunk parity with the base model: max |Δlogit| = {diff:.2e})")
+    return output_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Convert a Llama-family causal LM into a CoMeT checkpoint.")
+    parser.add_argument("base", help="base model folder or repo id (llama, mistral, qwen2, qwen3)")
+    parser.add_argument("output_dir")
+    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--global-mem-size", type=int, default=8)
+    parser.add_argument("--temp-beacon-stride", type=int, default=16)
+    parser.add_argument("--temp-mem-budget", type=int, default=64)
+    parser.add_argument("--adapter-rank", type=int, default=8)
+    parser.add_argument("--position-layout", choices=["default", "epl"], default="default")
+    args = parser.parse_args(argv)
+    convert(
+        args.base,
+        args.output_dir,
+        chunk_size=args.chunk_size,
+        global_mem_size=args.global_mem_size,
+        temp_beacon_stride=args.temp_beacon_stride,
+        temp_mem_budget=args.temp_mem_budget,
+        adapter_rank=args.adapter_rank,
+        position_layout=args.position_layout,
+    )
+
+
+if __name__ == "__main__":
+    main()
