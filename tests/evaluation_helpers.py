@@ -23,7 +23,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     """One token per printable ASCII character, plus ``<unk>`` (0), ``<s>`` (1, BOS) and ``</s>`` (2, EOS)."""
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + list(string.printable))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
