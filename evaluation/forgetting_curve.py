@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -175,8 +176,12 @@ def measure(
     samples: int = 10,
     seed: int = 0,
     progress: bool = True,
+    on_length: Callable[[list[int], dict[str, list[list[float]]]], None] | None = None,
 ) -> dict[str, list[list[float]]]:
-    """Copy and LM accuracies, ``samples`` per length, with the same spans for both (a paired design)."""
+    """Copy and LM accuracies, ``samples`` per length, with the same spans for both (a paired design).
+
+    ``on_length`` is called with the lengths done so far and their accuracies (to save partial results).
+    """
     if samples < 1:
         raise ValueError(f"Need at least one sample per length, got {samples}.")
     generator = np.random.default_rng(seed)
@@ -196,6 +201,8 @@ def measure(
             bar.set_postfix(L=length, copy=f"{np.mean(copy_row):.3f}", lm=f"{np.mean(lm_row):.3f}")
         copy_acc.append(copy_row)
         lm_acc.append(lm_row)
+        if on_length is not None:
+            on_length(lengths[: len(copy_acc)], {"copy": copy_acc, "lm": lm_acc})
     bar.close()
     return {"copy": copy_acc, "lm": lm_acc}
 
@@ -354,31 +361,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Enough text for two disjoint spans of the longest length, with room for the sampling to vary.
     corpus = tokenize_corpus(tokenizer, texts, max_tokens=max(8 * lengths[-1], 100_000))
 
-    start = time.time()
-    accuracies = measure(model, corpus, bos_id, lengths, args.samples, args.seed, progress=not args.no_progress)
-    summary = summarise(lengths, accuracies, args.copy_threshold, args.alpha)
     train_length = args.train_length if args.train_length is not None else max_positions(model)
-    result = {
-        "model": args.model,
-        "model_type": getattr(model.config, "model_type", None),
-        "chunked_forward": is_comet(model),
-        "bos_token_id": bos_id,
-        "corpus": args.dataset or (args.text_files and [str(name) for name in args.text_files]) or "pydoc_data.topics",
-        "corpus_tokens": len(corpus),
-        "grid": args.grid,
-        "lengths": lengths,
-        "samples": args.samples,
-        "seed": args.seed,
-        "train_length": train_length or None,
-        "seconds": round(time.time() - start, 1),
-        **summary,
-    }
     output_dir = Path(args.output_dir)
+    start = time.time()
+
+    def record(done: list[int], accuracies: dict[str, list[list[float]]], complete: bool) -> dict[str, Any]:
+        return {
+            "complete": complete,
+            "model": args.model,
+            "model_type": getattr(model.config, "model_type", None),
+            "chunked_forward": is_comet(model),
+            "bos_token_id": bos_id,
+            "corpus": args.dataset
+            or (args.text_files and [str(name) for name in args.text_files])
+            or "pydoc_data.topics",
+            "corpus_tokens": len(corpus),
+            "grid": args.grid,
+            "lengths": lengths,
+            "samples": args.samples,
+            "seed": args.seed,
+            "train_length": train_length or None,
+            "seconds": round(time.time() - start, 1),
+            **summarise(done, accuracies, args.copy_threshold, args.alpha),
+        }
+
+    accuracies = measure(
+        model, corpus, bos_id, lengths, args.samples, args.seed, progress=not args.no_progress,
+        on_length=lambda done, partial: atomic_write_json(
+            output_dir / "forgetting_curve.json", record(done, partial, complete=False)
+        ),
+    )  # fmt: skip
+    result = record(lengths, accuracies, complete=True)
     atomic_write_json(output_dir / "forgetting_curve.json", result)
-    title = f"Forgetting curve: {args.model} (fine {summary['fine_memory_length']}, coarse {summary['coarse_memory_length']})"
-    plot(summary, title, train_length or None, args.grid, output_dir / "forgetting_curve.png")
+    fine, coarse = result["fine_memory_length"], result["coarse_memory_length"]
+    title = f"Forgetting curve: {args.model} (memory length: fine {fine}, coarse {coarse})"
+    plot(result, title, train_length or None, args.grid, output_dir / "forgetting_curve.png")
     print(
-        f"fine-grained memory length {summary['fine_memory_length']}, coarse-grained {summary['coarse_memory_length']}"
+        f"fine-grained memory length {fine}, coarse-grained {coarse}"
         f" ({result['seconds']} s); wrote {output_dir / 'forgetting_curve.json'} and .png"
     )
     return result

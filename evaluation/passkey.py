@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,8 +133,12 @@ def evaluate_model(
     score_beyond_max_positions: bool = False,
     progress: bool = True,
     description: str = "passkey",
+    on_cell: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy per (depth, length) cell; keys are drawn from ``seed`` so every model sees the same prompts."""
+    """Accuracy per (depth, length) cell; keys are drawn from ``seed`` so every model sees the same prompts.
+
+    ``on_cell`` is called with the results so far after every cell (to save partial results).
+    """
     if samples < 1:
         raise ValueError(f"Need at least one sample per cell, got {samples}.")
     prompt = PasskeyPrompt.from_tokenizer(tokenizer)
@@ -147,7 +152,8 @@ def evaluate_model(
     for j, length in enumerate(lengths):
         exceeds = limit is not None and length + max_new_tokens > limit
         for i, depth in enumerate(depths):
-            generator = np.random.default_rng([seed, j, i])
+            # Seeded by the cell itself, so a cell gets the same keys whatever the rest of the grid.
+            generator = np.random.default_rng([seed, length, int(round(depth * 10_000))])
             keys = [random_key(generator) for _ in range(samples)]
             cell = {"length": length, "depth": depth, "keys": keys, "exceeds_max_positions": exceeds}
             if exceeds and not score_beyond_max_positions:
@@ -163,19 +169,25 @@ def evaluate_model(
                 accuracy[i][j] = cell["accuracy"]
                 bar.set_postfix(length=length, depth=depth, acc=cell["accuracy"])
             cells.append(cell)
+            if on_cell is not None:
+                on_cell(_summary(accuracy, cells, limit, model))
     bar.close()
+    return _summary(accuracy, cells, limit, model)
+
+
+def _summary(accuracy: list[list[float | None]], cells: list[dict], limit: int | None, model) -> dict[str, Any]:
     scored = [value for row in accuracy for value in row if value is not None]
     per_length = [
-        None if all(row[j] is None for row in accuracy) else float(np.mean([row[j] for row in accuracy]))
-        for j in range(len(lengths))
+        None if any(row[j] is None for row in accuracy) else float(np.mean([row[j] for row in accuracy]))
+        for j in range(len(accuracy[0]))
     ]
     return {
         "max_positions": limit,
         "chunked_forward": is_comet(model),
-        "accuracy": accuracy,
+        "accuracy": [list(row) for row in accuracy],
         "accuracy_per_length": per_length,
         "mean_accuracy": float(np.mean(scored)) if scored else None,
-        "cells": cells,
+        "cells": list(cells),
     }
 
 
@@ -266,7 +278,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.max_new_tokens < KEY_DIGITS:
         raise ValueError(f"--max-new-tokens must be at least {KEY_DIGITS}, got {args.max_new_tokens}.")
 
+    output_dir = Path(args.output_dir)
     results, seconds = {}, {}
+
+    def payload(complete: bool) -> dict[str, Any]:
+        return {
+            "complete": complete,
+            "lengths": lengths,
+            "depths": depths,
+            "samples": args.samples,
+            "seed": args.seed,
+            "max_new_tokens": args.max_new_tokens,
+            "prompt": {"instruction": INSTRUCTION, "filler": FILLER, "needle": NEEDLE, "question": QUESTION},
+            "models": results,
+        }
+
+    def save_partial(name: str, partial: dict[str, Any]) -> None:
+        results[name] = partial
+        atomic_write_json(output_dir / "passkey.json", payload(complete=False))
+
     for name in args.model:
         start = time.time()
         model, tokenizer = load_model_and_tokenizer(name, args.trust_remote_code, args.dtype, args.device)
@@ -281,22 +311,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.score_beyond_max_positions,
             progress=not args.no_progress,
             description=f"passkey {model_label(name)}",
+            on_cell=lambda partial, name=name: save_partial(name, partial),
         )
         results[name]["model_type"] = getattr(model.config, "model_type", None)
         results[name]["seconds"] = seconds[name] = round(time.time() - start, 1)
         del model
 
-    payload = {
-        "lengths": lengths,
-        "depths": depths,
-        "samples": args.samples,
-        "seed": args.seed,
-        "max_new_tokens": args.max_new_tokens,
-        "prompt": {"instruction": INSTRUCTION, "filler": FILLER, "needle": NEEDLE, "question": QUESTION},
-        "models": results,
-    }
-    output_dir = Path(args.output_dir)
-    atomic_write_json(output_dir / "passkey.json", payload)
+    final = payload(complete=True)
+    atomic_write_json(output_dir / "passkey.json", final)
     plot(results, lengths, depths, output_dir / "passkey.png")
     for name, result in results.items():
         per_length = ", ".join(
@@ -305,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         print(f"{name}: {per_length} ({seconds[name]} s)")
     print(f"wrote {output_dir / 'passkey.json'} and .png")
-    return payload
+    return final
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ def test_command_line_writes_json_and_png(tmp_path):
     result = fc.main(args + ["--max-length", "40", "--num-points", "4", "--samples", "3", "--train-length", "64"])
     saved = json.loads((out / "forgetting_curve.json").read_text())
     assert saved["lengths"] == result["lengths"] and saved["lengths"][0] == 8 and saved["lengths"][-1] == 40
-    assert saved["bos_token_id"] == 1 and saved["fine_memory_length"] == 40
+    assert saved["bos_token_id"] == 1 and saved["fine_memory_length"] == 40 and saved["complete"]
     assert (out / "forgetting_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(out.glob("*.tmp"))
     with pytest.raises(ValueError, match="exceeds the model's 200 positions"):

@@ -100,7 +100,7 @@ def test_command_line_compares_models_and_writes_outputs(tmp_path):
         ["--model", *folders, "--output-dir", str(out), "--lengths", "450", "300", "--num-depths", "2", "--no-progress"]
     )
     saved = json.loads((out / "passkey.json").read_text())
-    assert saved["lengths"] == [300, 450] and saved["depths"] == [0.0, 1.0]
+    assert saved["lengths"] == [300, 450] and saved["depths"] == [0.0, 1.0] and saved["complete"]
     assert saved["models"][folders[0]]["accuracy"] == [[1.0, 1.0], [1.0, 1.0]]
     assert saved["models"][folders[1]]["accuracy_per_length"] == [1.0, None]
     long_keys = [cell["keys"] for cell in payload["models"][folders[0]]["cells"]]
