@@ -6,7 +6,9 @@ import argparse
 import inspect
 import json
 import os
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +160,12 @@ def pyplot():
 def model_label(name: str) -> str:
     """A file-system friendly label for a model name or path."""
     return Path(name.rstrip("/")).name or name
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run an entry point, turning input errors into one ``error: ...`` line and exit status 2."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

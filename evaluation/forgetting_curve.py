@@ -38,6 +38,7 @@ from .common import (
     max_positions,
     model_device,
     pyplot,
+    run_cli,
     special_token_id,
 )
 
@@ -404,4 +405,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

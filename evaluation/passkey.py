@@ -38,6 +38,7 @@ from .common import (
     model_device,
     model_label,
     pyplot,
+    run_cli,
     special_token_id,
 )
 
@@ -331,4 +332,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -34,6 +34,7 @@ from .common import (
     max_positions,
     model_device,
     pyplot,
+    run_cli,
     special_token_id,
 )
 from .scrolls_metrics import score_examples
@@ -286,4 +287,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
