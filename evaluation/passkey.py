@@ -203,6 +203,7 @@ def plot(results: dict[str, dict[str, Any]], lengths: list[int], depths: list[fl
     )
     for axis, (name, result) in zip(axes[0], results.items(), strict=True):
         grid = np.array([[np.nan if value is None else value for value in row] for row in result["accuracy"]])
+        too_long = {(cell["length"], cell["depth"]) for cell in result["cells"] if cell["exceeds_max_positions"]}
         image = axis.imshow(np.ma.masked_invalid(grid), cmap=colours, vmin=0, vmax=1, aspect="auto")
         for i in range(len(depths)):
             for j in range(len(lengths)):
@@ -210,7 +211,8 @@ def plot(results: dict[str, dict[str, Any]], lengths: list[int], depths: list[fl
                     axis.add_patch(
                         plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor="grey", linewidth=0)
                     )
-                    axis.text(j, i, "n/a", ha="center", va="center", fontsize=7, color="grey")
+                    label = "> max\npositions" if (lengths[j], depths[i]) in too_long else "not run"
+                    axis.text(j, i, label, ha="center", va="center", fontsize=6, color="dimgrey")
                 else:
                     axis.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
         axis.set_xticks(range(len(lengths)), [format_length(length) for length in lengths], rotation=45)
