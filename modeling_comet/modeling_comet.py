@@ -549,7 +549,7 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
         return CometMemoryState(
             global_state=[m[0] for m in new_memories],
             global_memory=[m[1] for m in new_memories],
-            temp_memory=[m[2] if m[2] is not None else t for m, t in zip(new_memories, state.temp_memory)],
+            temp_memory=[m[2] if m[2] is not None else t for m, t in zip(new_memories, state.temp_memory, strict=True)],
             global_valid=validity[0],
             temp_valid=validity[1],
         )
