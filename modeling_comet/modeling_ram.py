@@ -328,6 +328,7 @@ class RamForCausalLM(RamPreTrainedModel, GenerationMixin):
         answer_ids: torch.LongTensor | None = None,
         answer_attention_mask: torch.Tensor | None = None,
         segment_labels: torch.Tensor | None = None,
+        relevance_only: bool = False,
         **kwargs,
     ) -> RamCausalLMOutput:
         r"""
@@ -340,6 +341,9 @@ class RamForCausalLM(RamPreTrainedModel, GenerationMixin):
             Answer tokens appended after the question; the NLL is taken over them only.
         segment_labels (`torch.Tensor` of shape `(batch, max_segments)`, *optional*):
             1 for segments relevant to the question (positives), 0 otherwise; enables the contrastive term.
+        relevance_only (`bool`, *optional*, defaults to `False`):
+            Skip the decoder: return only the relevance scores, the selection and (with `segment_labels`) the
+            contrastive loss. A cheap way to train the encoder's relevance alone.
         """
         if context_ids is None:
             outputs = self.decoder(
@@ -363,6 +367,20 @@ class RamForCausalLM(RamPreTrainedModel, GenerationMixin):
         compression = self.compress(
             context_ids, question_ids, context_attention_mask, question_attention_mask, answer_ids, answer_attention_mask
         )
+        contrastive_loss = None
+        if segment_labels is not None:
+            positives = segment_labels.to(compression.segment_mask.device)[:, : compression.segment_mask.shape[1]] == 1
+            contrastive_loss = multi_positive_contrastive_loss(
+                compression.relevance_scores, positives, compression.segment_mask, self.config.contrastive_temperature
+            )
+        if relevance_only:
+            return RamCausalLMOutput(
+                loss=None if contrastive_loss is None else self.config.contrastive_weight * contrastive_loss,
+                contrastive_loss=contrastive_loss,
+                relevance_scores=compression.relevance_scores,
+                segment_mask=compression.segment_mask,
+                kept_segments=compression.kept_segments,
+            )
         outputs = self.decoder(
             inputs_embeds=compression.inputs_embeds,
             attention_mask=compression.attention_mask,
@@ -372,12 +390,6 @@ class RamForCausalLM(RamPreTrainedModel, GenerationMixin):
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
-        contrastive_loss = None
-        if segment_labels is not None:
-            positives = segment_labels.to(compression.segment_mask.device)[:, : compression.segment_mask.shape[1]] == 1
-            contrastive_loss = multi_positive_contrastive_loss(
-                compression.relevance_scores, positives, compression.segment_mask, self.config.contrastive_temperature
-            )
         loss = outputs.loss
         if contrastive_loss is not None:
             weighted = self.config.contrastive_weight * contrastive_loss

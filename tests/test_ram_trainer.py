@@ -171,3 +171,17 @@ def test_cli_help():
         [sys.executable, "-m", "training.ram_trainer", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and "--keep_ratio" in result.stdout and "--finetuning" in result.stdout
+
+
+def test_contrastive_only_run_trains_relevance_and_skips_decoder(tmp_path):
+    model = tiny_ram()
+    decoder_before = {name: p.detach().clone() for name, p in model.decoder.named_parameters()}
+    trainer = RamTrainer(
+        model=model, args=training_args(tmp_path, contrastive_only=True, max_steps=20, finetuning="encoder"),
+        train_dataset=toy_features(4), data_collator=RamDataCollator(0),
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all("nll_loss" not in entry for entry in logs)
+    assert sum(e["loss"] for e in logs[-5:]) < sum(e["loss"] for e in logs[:5])
+    assert all(torch.equal(decoder_before[name], p) for name, p in model.decoder.named_parameters())

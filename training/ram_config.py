@@ -48,6 +48,9 @@ class RamTrainingConfig(TrainingArguments):
             LoRA rank and scaling.
         lora_target_modules (`str`, *optional*):
             Regular expression of the decoder modules LoRA adapts (full-match on module names).
+        contrastive_only (`bool`, *optional*, defaults to `False`):
+            Train the encoder's relevance alone: the decoder is skipped and the loss is `lambda * L_con` (a cheap
+            warm-up, or all a tight compute budget allows).
     """
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "base causal LM or saved RAM model"})
@@ -69,6 +72,7 @@ class RamTrainingConfig(TrainingArguments):
         default=r"decoder\..*\.(q_proj|k_proj|v_proj|o_proj)",
         metadata={"help": "regex (full match) of decoder modules adapted by LoRA"},
     )
+    contrastive_only: bool = field(default=False, metadata={"help": "skip the decoder, train relevance only"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "RAM batches carry custom columns"})
 
     def __post_init__(self):

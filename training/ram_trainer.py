@@ -123,7 +123,7 @@ class RamTrainer(Trainer):
         self._loss_terms = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
+        outputs = model(**inputs, relevance_only=self.args.contrastive_only)
         self._record_loss_terms(outputs)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
