@@ -174,10 +174,12 @@ def test_cli_help():
 
 
 def test_contrastive_only_run_trains_relevance_and_skips_decoder(tmp_path):
-    model = tiny_ram()
+    args = training_args(tmp_path, contrastive_only=True, max_steps=20, finetuning="encoder")
+    model = apply_finetuning(tiny_ram(), args)  # decoder (and the embedding table it shares) frozen
     decoder_before = {name: p.detach().clone() for name, p in model.decoder.named_parameters()}
+    encoder_before = model.encoder_layers[0].self_attn.q_proj.weight.detach().clone()
     trainer = RamTrainer(
-        model=model, args=training_args(tmp_path, contrastive_only=True, max_steps=20, finetuning="encoder"),
+        model=model, args=args,
         train_dataset=toy_features(4), data_collator=RamDataCollator(0),
     )
     trainer.train()
@@ -185,3 +187,4 @@ def test_contrastive_only_run_trains_relevance_and_skips_decoder(tmp_path):
     assert all("nll_loss" not in entry for entry in logs)
     assert sum(e["loss"] for e in logs[-5:]) < sum(e["loss"] for e in logs[:5])
     assert all(torch.equal(decoder_before[name], p) for name, p in model.decoder.named_parameters())
+    assert not torch.equal(encoder_before, model.encoder_layers[0].self_attn.q_proj.weight)
