@@ -208,3 +208,46 @@ def test_save_and_reload_as_remote_code_in_fresh_process(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "transformers_modules" in result.stdout
+
+
+def smollm2_folder():
+    from convert.smollm2 import cache_root
+
+    folder = cache_root() / "smollm2-135m-instruct"
+    if not (folder / "config.json").is_file():
+        pytest.skip("SmolLM2 not converted (python -m convert.smollm2)")
+    return folder
+
+
+def test_pipeline_answers_from_strings_like_generate():
+    from transformers import AutoTokenizer, pipeline
+
+    import modeling_comet.pipeline_ram  # noqa: F401  (registers the task)
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
+    base = tiny_base(vocab_size=len(tokenizer))
+    ram = RamForCausalLM.from_base(base, encoder_layers=1, segment_size=8, keep_ratio=0.5).eval()
+    answerer = pipeline("ram-question-answering", model=ram, tokenizer=tokenizer)
+    inputs = {"context": "The mill stood by the river. " * 6, "question": "Where was the mill?"}
+    options = {"max_new_tokens": 4, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+    answer = answerer(inputs, **options)
+    context = tokenizer(inputs["context"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    question = tokenizer("\n\nQuestion: Where was the mill?\nAnswer:", add_special_tokens=False, return_tensors="pt")
+    expected = ram.generate(context_ids=context, question_ids=question["input_ids"], **options)
+    assert answer == [{"answer": tokenizer.decode(expected[0], skip_special_tokens=True).strip()}]
+    with pytest.raises(ValueError, match="vocabulary"):
+        pipeline("ram-question-answering", model=tiny_ram()[1], tokenizer=tokenizer)
+
+
+@pytest.mark.slow
+def test_smollm2_keep_all_equals_base_logits():
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(smollm2_folder(), dtype=torch.float32).eval()
+    ram = RamForCausalLM.from_base(base, encoder_layers=2, keep_ratio=1.0, position_layout="epl").eval()
+    torch.manual_seed(0)
+    context, question = torch.randint(100, 40000, (1, 96)), torch.randint(100, 40000, (1, 8))
+    with torch.no_grad():
+        logits = ram(context_ids=context, question_ids=question, logits_to_keep=16).logits
+        expected = base(torch.cat([context, question], 1), logits_to_keep=16).logits
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
