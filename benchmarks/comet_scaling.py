@@ -1,0 +1,182 @@
+"""Prefill time and peak memory against input length: CoMeT vs the same base with full attention.
+
+    python -m benchmarks.comet_scaling                       # both suites, results/benchmarks/comet_scaling.{json,png}
+    python -m benchmarks.comet_scaling --suite tiny --tiny-lengths 8192 65536 1048576
+
+Every measurement runs in a fresh subprocess so that its peak resident memory (ru_maxrss) is its own;
+we report peak RSS minus the RSS right after loading the model (the memory the input costs). Timings
+are medians over `--repeats` runs inside that subprocess. Both models are measured side by side in one
+invocation, with the same thread count.
+
+* suite `smollm2`: SmolLM2-135M-Instruct, CoMeT (default memory: chunk 256, 8 global slots, beacon every
+  16, budget 64) vs full attention (sdpa), 1k to 32k tokens (full attention stops at `--base-max`).
+* suite `tiny`: a 2-layer, d=64 Llama, CoMeT vs full attention, 8k to 1M tokens.
+
+Targets (issue 2): CoMeT time per token at 1M within 1.15x of that at 8k; peak memory at 1M within 10% of
+that at 8k; overhead against full attention at 2k no worse than (chunk + memory tokens)/chunk x 1.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+WORKER = r"""
+import json, resource, statistics, sys, time, torch
+spec = json.loads(sys.argv[1])
+torch.set_num_threads(spec["threads"])
+torch.manual_seed(0)
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from modeling_comet import CometForCausalLM
+if spec["model"] == "smollm2":
+    from convert.smollm2 import smollm2_path
+    base = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32).eval()
+else:
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2 ** 21)
+    base = LlamaForCausalLM(cfg).eval()
+model = CometForCausalLM.from_base(base, **spec["memory"]).eval() if spec["kind"] == "comet" else base
+vocab = base.config.vocab_size
+ids = torch.randint(0, vocab, (1, spec["length"]))
+rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+times = []
+with torch.no_grad():
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        if spec["kind"] == "comet":
+            model.read(ids)
+        else:
+            model(ids, logits_to_keep=1)
+        times.append(time.perf_counter() - start)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"seconds": times, "median_s": statistics.median(times), "peak_rss_mib": peak / 1024,
+                  "input_rss_mib": (peak - rss_loaded) / 1024}))
+"""
+
+SMOLLM2_MEMORY = dict(chunk_size=256, global_mem_size=8, temp_beacon_stride=16, temp_mem_budget=64)
+TINY_MEMORY = dict(chunk_size=256, global_mem_size=8, temp_beacon_stride=16, temp_mem_budget=64)
+
+
+def measure(model: str, kind: str, length: int, memory: dict, repeats: int, threads: int, timeout: int) -> dict:
+    spec = dict(model=model, kind=kind, length=length, memory=memory, repeats=repeats, threads=threads)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(threads)}
+    try:
+        proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(spec)], capture_output=True, text=True,
+                              env=env, cwd=root, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": model, "kind": kind, "length": length, "error": f"timed out after {timeout} s"}
+    if proc.returncode != 0:
+        return {"model": model, "kind": kind, "length": length, "error": proc.stderr.strip().splitlines()[-1]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result.update(model=model, kind=kind, length=length, ms_per_1k_tokens=1000 * result["median_s"] / length * 1000)
+    return result
+
+
+def run_suite(name, lengths, base_max, memory, repeats, threads, timeout, results, progress):
+    for length in lengths:
+        for kind in ("comet", "full_attention"):
+            if kind == "full_attention" and length > base_max:
+                continue
+            progress.set_postfix_str(f"{name} {kind} {length}")
+            results.append(measure(name, kind, length, memory, repeats, threads, timeout))
+            progress.update(1)
+
+
+def summarise(results: list[dict]) -> dict:
+    def get(model, kind, length):
+        return next((r for r in results if r["model"] == model and r["kind"] == kind and r["length"] == length
+                     and "error" not in r), None)
+
+    summary = {}
+    tiny = sorted(r["length"] for r in results if r["model"] == "tiny" and r["kind"] == "comet" and "error" not in r)
+    if len(tiny) >= 2:
+        lo, hi = get("tiny", "comet", tiny[0]), get("tiny", "comet", tiny[-1])
+        summary["tiny_time_per_token_ratio"] = {"lengths": [tiny[0], tiny[-1]], "ratio": hi["ms_per_1k_tokens"] / lo["ms_per_1k_tokens"], "target": 1.15}
+        summary["tiny_peak_memory_ratio"] = {"lengths": [tiny[0], tiny[-1]], "ratio": hi["peak_rss_mib"] / lo["peak_rss_mib"], "target": 1.10}
+    comet2k, base2k = get("smollm2", "comet", 2048), get("smollm2", "full_attention", 2048)
+    if comet2k and base2k:
+        m = SMOLLM2_MEMORY
+        extra = (m["chunk_size"] + 2 * m["global_mem_size"] + m["temp_mem_budget"] + m["chunk_size"] // m["temp_beacon_stride"]) / m["chunk_size"]
+        summary["smollm2_overhead_at_2k"] = {"ratio": comet2k["median_s"] / base2k["median_s"], "target": extra * 1.1,
+                                             "tokens_processed_per_text_token": extra}
+    return summary
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in ("smollm2", "tiny") if any(r["model"] == m for r in results)]
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)
+    for row, model in enumerate(models):
+        for kind, style in (("comet", "o-"), ("full_attention", "s--")):
+            pts = sorted((r["length"], r) for r in results if r["model"] == model and r["kind"] == kind and "error" not in r)
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            axes[row][0].plot(xs, [p[1]["ms_per_1k_tokens"] for p in pts], style, label=kind)
+            axes[row][1].plot(xs, [p[1]["peak_rss_mib"] for p in pts], style, label=kind)
+        for col, ylabel in enumerate(("prefill time per 1k tokens (ms, median)", "peak RSS (MiB)")):
+            ax = axes[row][col]
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("input tokens")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{model}")
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=["all", "smollm2", "tiny"], default="all")
+    parser.add_argument("--smollm2-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    parser.add_argument("--tiny-lengths", type=int, nargs="+", default=[8192, 32768, 131072, 1048576])
+    parser.add_argument("--base-max", type=int, default=16384, help="longest input for full attention on SmolLM2")
+    parser.add_argument("--tiny-base-max", type=int, default=131072, help="longest input for full attention on the tiny model")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per measurement")
+    parser.add_argument("--output-dir", type=Path, default=Path("results/benchmarks"))
+    args = parser.parse_args(argv)
+
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    suites = []
+    if args.suite in ("all", "smollm2"):
+        suites.append(("smollm2", args.smollm2_lengths, args.base_max, SMOLLM2_MEMORY))
+    if args.suite in ("all", "tiny"):
+        suites.append(("tiny", args.tiny_lengths, args.tiny_base_max, TINY_MEMORY))
+    total = sum(len(lengths) + sum(1 for n in lengths if n <= bmax) for _, lengths, bmax, _ in suites)
+    with tqdm(total=total, desc="benchmark", unit="run") as progress:
+        for name, lengths, base_max, memory in suites:
+            run_suite(name, lengths, base_max, memory, args.repeats, args.threads, args.timeout, results, progress)
+            report = {"results": results, "summary": summarise(results), "threads": args.threads,
+                      "repeats": args.repeats, "memory": {"smollm2": SMOLLM2_MEMORY, "tiny": TINY_MEMORY}}
+            write_atomic(args.output_dir / "comet_scaling.json", json.dumps(report, indent=2))
+            plot(results, args.output_dir / "comet_scaling.png")
+    print(json.dumps(report["summary"], indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
