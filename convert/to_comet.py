@@ -12,16 +12,15 @@ temporary folder and renames it into place.
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_comet import CometForCausalLM
+
+from .atomic import atomic_directory
 
 # (base key pattern, CoMeT key template). CoMeT keeps the base names; the memory is new.
 KEY_TABLE = [
@@ -93,19 +92,11 @@ def convert(
     check_key_mapping(base.state_dict(), model.state_dict(), model.config.tie_word_embeddings)
     diff = check_parity(base, model, base.config.vocab_size, min(model.config.chunk_size, 64))
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=output_dir.name + ".tmp-", dir=output_dir.parent))
-    try:
+    with atomic_directory(output_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         card = render_model_card(model.config, str(base_path), output_dir.name, training_note, str(output_dir))
         (tmp / "README.md").write_text(card)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"wrote {output_dir} (one-chunk parity with the base model: max |Δlogit| = {diff:.2e})")
     return output_dir
 
