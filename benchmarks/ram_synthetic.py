@@ -170,12 +170,12 @@ def markdown_table(results: dict) -> str:
     lines += ["", "Training runs:", ""]
     for layout, run in results["training"].items():  # layout "both": one layout-independent run
         first, last = run["first_log"] or {}, run["last_log"] or {}
-        lines.append(
-            f"- {layout}: {run['seconds']:.0f} s; loss (logged mean) {first.get('loss', float('nan')):.3f} -> "
-            f"{last.get('loss', float('nan')):.3f} (nll {first.get('nll_loss', float('nan')):.3f} -> "
-            f"{last.get('nll_loss', float('nan')):.3f}, contrastive {first.get('contrastive_loss', float('nan')):.3f}"
-            f" -> {last.get('contrastive_loss', float('nan')):.3f})"
-        )
+        terms = [
+            f"{name} {first[key]:.3f} -> {last[key]:.3f}"
+            for name, key in (("loss", "loss"), ("nll", "nll_loss"), ("contrastive", "contrastive_loss"))
+            if key in first and key in last
+        ]
+        lines.append(f"- {layout}: {run['seconds']:.0f} s, first -> last logged window: " + ", ".join(terms))
     return "\n".join(lines) + "\n"
 
 
@@ -187,13 +187,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--encoder_layers", type=int, default=4)
     parser.add_argument("--train_examples", type=int, default=256)
     parser.add_argument("--test_examples", type=int, default=24)
-    parser.add_argument("--train_steps", type=int, default=40)
+    parser.add_argument("--train_steps", type=int, default=60)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--train_mode", choices=("contrastive_only", "full_loss"), default="contrastive_only")
     parser.add_argument("--new_tokens", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="1 avoids thread oversubscription on a shared CPU")
     parser.add_argument("--output_dir", default="results")
     args = parser.parse_args(argv)
 
