@@ -372,6 +372,12 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: CometConfig):
+        for attn in {config._attn_implementation, config.base_config._attn_implementation}:
+            if attn not in (None, "eager", "sdpa"):
+                raise ValueError(
+                    f"CoMeT supports attn_implementation 'sdpa' or 'eager', not {attn!r}: its window needs an "
+                    "arbitrary attention mask (text hidden from beacons and readouts), which flash/flex kernels do not take."
+                )
         super().__init__(config)
         check_supported_base(config.base_config)
         config.check_memory_fields()

@@ -286,6 +286,10 @@ def test_bad_inputs_raise_clear_errors():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB))
     with pytest.raises(ValueError, match="Unsupported base architecture 'gpt2'.*llama, mistral, qwen2, qwen3"):
         CometForCausalLM.from_base(gpt2, **MEMORY)
+    flash = tiny_base()
+    flash.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="'sdpa' or 'eager'"):
+        CometForCausalLM.from_base(flash, **MEMORY)
     with pytest.raises(TypeError, match="CometCache"):
         from transformers import DynamicCache
 
