@@ -81,13 +81,14 @@ def measure(model: str, kind: str, length: int, memory: dict, repeats: int, thre
     return result
 
 
-def run_suite(name, lengths, base_max, memory, repeats, threads, timeout, results, progress):
+def run_suite(name, lengths, base_max, memory, repeats, threads, timeout, results, progress, save):
     for length in lengths:
         for kind in ("comet", "full_attention"):
             if kind == "full_attention" and length > base_max:
                 continue
             progress.set_postfix_str(f"{name} {kind} {length}")
             results.append(measure(name, kind, length, memory, repeats, threads, timeout))
+            save()  # an interrupted run keeps what it measured
             progress.update(1)
 
 
@@ -157,13 +158,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.suite in ("all", "tiny"):
         suites.append(("tiny", args.tiny_lengths, args.tiny_base_max, TINY_MEMORY))
     total = sum(len(lengths) + sum(1 for n in lengths if n <= bmax) for _, lengths, bmax, _ in suites)
+    def save():
+        report.update(results=results, summary=summarise(results))
+        atomic_write_json(args.output_dir / "comet_scaling.json", report)
+        plot(results, args.output_dir / "comet_scaling.png")
+
+    report = {"threads": args.threads, "repeats": args.repeats, "memory": {"smollm2": SMOLLM2_MEMORY, "tiny": TINY_MEMORY}}
     with tqdm(total=total, desc="benchmark", unit="run") as progress:
         for name, lengths, base_max, memory in suites:
-            run_suite(name, lengths, base_max, memory, args.repeats, args.threads, args.timeout, results, progress)
-            report = {"results": results, "summary": summarise(results), "threads": args.threads,
-                      "repeats": args.repeats, "memory": {"smollm2": SMOLLM2_MEMORY, "tiny": TINY_MEMORY}}
-            atomic_write_json(args.output_dir / "comet_scaling.json", report)
-            plot(results, args.output_dir / "comet_scaling.png")
+            run_suite(name, lengths, base_max, memory, args.repeats, args.threads, args.timeout, results, progress, save)
     print(json.dumps(report["summary"], indent=2))
     return report
 
