@@ -110,7 +110,6 @@ class RamPreTrainedModel(PreTrainedModel):
     base_model_prefix = "ram"
     main_input_name = "input_ids"
     _supports_sdpa = True
-    _supports_attention_backend = True
 
     def _init_weights(self, module):
         # The alignment starts as the identity: encoder states of a copied backbone already live in the
