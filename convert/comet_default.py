@@ -3,28 +3,51 @@
     python -m convert.comet_default        # prints the folder, building it on first use
 
 Memory: chunk 256, 8 global slots, a beacon every 16 tokens, temporary budget 64 (four chunks).
-The folder is cached under ``$COMET_CACHE`` (default ``~/.cache/comet``); weights trained later can
-replace it by writing a checkpoint there.
+When the repository ships trained memory weights (``checkpoints/smollm2-comet-memory.safetensors``,
+only the ``comet_memory.*`` tensors), they are loaded into the model; the cached folder is rebuilt
+whenever that file changes. The folder lives under ``$COMET_CACHE`` (default ``~/.cache/comet``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 from pathlib import Path
 
 from .smollm2 import cache_root, smollm2_path
 
 DEFAULT_MEMORY = dict(chunk_size=256, global_mem_size=8, temp_beacon_stride=16, temp_mem_budget=64)
+MEMORY_WEIGHTS = Path(__file__).resolve().parent.parent / "checkpoints" / "smollm2-comet-memory.safetensors"
+STAMP = "comet_default.json"
+TRAINED_NOTE = (
+    "The memory parameters (only those; the base model is frozen) were fine-tuned briefly with the "
+    "language-modelling loss on two-chunk samples of the standard library's pydoc prose "
+    "(`python -m training.comet_trainer --finetuning memory`), so that the model reads after its memory "
+    "slots as fluently as within one chunk. It was not trained for long-range recall: see the "
+    "repository's results before relying on it."
+)
+
+
+def _fingerprint() -> dict:
+    weights = hashlib.sha256(MEMORY_WEIGHTS.read_bytes()).hexdigest() if MEMORY_WEIGHTS.is_file() else None
+    return {"memory": DEFAULT_MEMORY, "memory_weights_sha256": weights}
 
 
 def comet_default_path(force: bool = False) -> Path:
     """Folder of the default CoMeT model, loadable with ``from_pretrained(..., trust_remote_code=True)``."""
     target = cache_root() / "smollm2-comet"
-    if (target / "config.json").is_file() and not force:
+    fingerprint = _fingerprint()
+    stamp = target / STAMP
+    if not force and stamp.is_file() and json.loads(stamp.read_text()) == fingerprint:
         return target
     from .to_comet import convert
 
-    return convert(smollm2_path(), target, **DEFAULT_MEMORY)
+    trained = fingerprint["memory_weights_sha256"] is not None
+    kwargs = dict(memory_weights=MEMORY_WEIGHTS, training_note=TRAINED_NOTE) if trained else {}
+    convert(smollm2_path(), target, **kwargs, **DEFAULT_MEMORY)
+    (target / STAMP).write_text(json.dumps(fingerprint))
+    return target
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -75,10 +75,43 @@ def check_parity(base, model, vocab_size: int, length: int) -> float:
     return diff
 
 
+def load_memory_weights(model: CometForCausalLM, path: str | Path) -> None:
+    """Load trained memory parameters (a safetensors file of ``comet_memory.*`` tensors), all or nothing."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"memory weights not found: {path}")
+    weights = load_file(path)
+    expected = {k: v for k, v in model.state_dict().items() if k.startswith(NEW_KEY_PREFIX)}
+    if weights.keys() != expected.keys():
+        missing, extra = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+        raise KeyError(f"memory weights in {path} do not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for key, value in weights.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"{key}: shape {tuple(value.shape)} in {path}, model expects {tuple(expected[key].shape)}")
+    model.load_state_dict(weights, strict=False)
+
+
+def save_memory_weights(model: torch.nn.Module, path: str | Path) -> Path:
+    """Write only the ``comet_memory.*`` parameters (a few MB), e.g. after memory-only fine-tuning."""
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k.startswith(NEW_KEY_PREFIX)}
+    if not state:
+        raise ValueError("the model has no comet_memory.* parameters")
+    with atomic_file(path) as tmp:
+        save_file(state, str(tmp))
+    return Path(path)
+
+
 def convert(
     base_path: str | Path,
     output_dir: str | Path,
     training_note: str = "The memory parameters are freshly initialised: fine-tune before relying on long-range recall.",
+    memory_weights: str | Path | None = None,
     **memory_fields,
 ) -> Path:
     output_dir = Path(output_dir)
@@ -89,6 +122,8 @@ def convert(
             f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {base.config.vocab_size}"
         )
     model = CometForCausalLM.from_base(base, **memory_fields).eval()
+    if memory_weights is not None:
+        load_memory_weights(model, memory_weights)
     check_key_mapping(base.state_dict(), model.state_dict(), model.config.tie_word_embeddings)
     diff = check_parity(base, model, base.config.vocab_size, min(model.config.chunk_size, 64))
 
@@ -111,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temp-mem-budget", type=int, default=64)
     parser.add_argument("--adapter-rank", type=int, default=8)
     parser.add_argument("--position-layout", choices=["default", "epl"], default="default")
+    parser.add_argument("--memory-weights", default=None, help="trained comet_memory.* safetensors to load")
     args = parser.parse_args(argv)
     convert(
         args.base,
@@ -121,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         temp_mem_budget=args.temp_mem_budget,
         adapter_rank=args.adapter_rank,
         position_layout=args.position_layout,
+        memory_weights=args.memory_weights,
     )
 
 

@@ -60,3 +60,22 @@ def test_convert_refuses_missing_folder(tmp_path):
     with pytest.raises(OSError):
         convert(tmp_path / "does-not-exist", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_memory_weights_round_trip_and_mismatch(base_folder, tmp_path):
+    from convert.to_comet import load_memory_weights, save_memory_weights
+    from modeling_comet import CometForCausalLM
+
+    fields = dict(chunk_size=16, global_mem_size=4, temp_beacon_stride=4, temp_mem_budget=8)
+    trained = CometForCausalLM.from_base(str(base_folder), **fields)
+    with torch.no_grad():
+        trained.comet_memory.layers[0].gate.bias.fill_(3.0)
+    path = save_memory_weights(trained, tmp_path / "memory.safetensors")
+    out = convert(base_folder, tmp_path / "comet", memory_weights=path, **fields)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert reloaded.comet_memory.layers[0].gate.bias.item() == 3.0
+    other = CometForCausalLM.from_base(str(base_folder), **{**fields, "temp_beacon_stride": -1})
+    with pytest.raises(KeyError, match="do not fit this model"):
+        load_memory_weights(other, path)
+    with pytest.raises(FileNotFoundError):
+        load_memory_weights(other, tmp_path / "absent.safetensors")

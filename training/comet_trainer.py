@@ -140,6 +140,10 @@ def main(argv: list[str] | None = None) -> dict:
     after = trainer.evaluate() if n_eval else {}
     trainer.save_model(config.output_dir)
     tokenizer.save_pretrained(config.output_dir)
+    if config.finetuning == "memory":  # the only new weights: a few MB that convert.to_comet can load
+        from convert.to_comet import save_memory_weights
+
+        save_memory_weights(trainer.model, Path(config.output_dir) / "comet_memory.safetensors")
     summary = {"eval_loss_before": before.get("eval_loss"), "eval_loss_after": after.get("eval_loss")}
     for key in list(summary):
         if summary[key] is not None:
