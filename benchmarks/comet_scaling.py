@@ -81,13 +81,14 @@ def measure(model: str, kind: str, length: int, memory: dict, repeats: int, thre
     return result
 
 
-def run_suite(name, lengths, base_max, memory, repeats, threads, timeout, results, progress, save):
+def run_suite(name, lengths, base_max, memory, repeats, long_repeats, long_from, threads, timeout, results, progress, save):
     for length in lengths:
         for kind in ("comet", "full_attention"):
             if kind == "full_attention" and length > base_max:
                 continue
             progress.set_postfix_str(f"{name} {kind} {length}")
-            results.append(measure(name, kind, length, memory, repeats, threads, timeout))
+            runs = repeats if length < long_from else long_repeats
+            results.append(measure(name, kind, length, memory, runs, threads, timeout))
             save()  # an interrupted run keeps what it measured
             progress.update(1)
 
@@ -145,10 +146,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--base-max", type=int, default=16384, help="longest input for full attention on SmolLM2")
     parser.add_argument("--tiny-base-max", type=int, default=131072, help="longest input for full attention on the tiny model")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--long-repeats", type=int, default=None, help="repeats for inputs >= --long-from tokens")
+    parser.add_argument("--long-from", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per measurement")
     parser.add_argument("--output-dir", type=Path, default=Path("results/benchmarks"))
     args = parser.parse_args(argv)
+    if args.long_repeats is None:
+        args.long_repeats = args.repeats
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
@@ -166,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"threads": args.threads, "repeats": args.repeats, "memory": {"smollm2": SMOLLM2_MEMORY, "tiny": TINY_MEMORY}}
     with tqdm(total=total, desc="benchmark", unit="run") as progress:
         for name, lengths, base_max, memory in suites:
-            run_suite(name, lengths, base_max, memory, args.repeats, args.threads, args.timeout, results, progress, save)
+            run_suite(name, lengths, base_max, memory, args.repeats, args.long_repeats, args.long_from, args.threads,
+                      args.timeout, results, progress, save)
     print(json.dumps(report["summary"], indent=2))
     return report
 

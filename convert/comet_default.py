@@ -21,11 +21,12 @@ DEFAULT_MEMORY = dict(chunk_size=256, global_mem_size=8, temp_beacon_stride=16, 
 MEMORY_WEIGHTS = Path(__file__).resolve().parent.parent / "checkpoints" / "smollm2-comet-memory.safetensors"
 STAMP = "comet_default.json"
 TRAINED_NOTE = (
-    "The memory parameters (only those; the base model is frozen) were fine-tuned briefly with the "
+    "Only the memory parameters were fine-tuned (base frozen), for 60 steps (10 CPU minutes) with the "
     "language-modelling loss on two-chunk samples of the standard library's pydoc prose "
-    "(`python -m training.comet_trainer --finetuning memory`), so that the model reads after its memory "
-    "slots as fluently as within one chunk. It was not trained for long-range recall: see the "
-    "repository's results before relying on it."
+    "(`python -m training.comet_trainer --finetuning memory`). On held-out samples this brought the "
+    "next-token loss after the first chunk from 4.44 (fresh memory) to 3.21, against 3.11 for SmolLM2 "
+    "reading only the current chunk and 2.69 with full attention (`results/comet_lm_loss.json`): the memory "
+    "no longer disturbs the model much, but it has not learned to carry information across chunks."
 )
 
 
