@@ -4,7 +4,8 @@
     python -m benchmarks.comet_scaling --suite tiny --tiny-lengths 8192 65536 1048576
 
 Every measurement runs in a fresh subprocess so that its peak resident memory (ru_maxrss) is its own;
-we report peak RSS minus the RSS right after loading the model (the memory the input costs). Timings
+we report it and peak RSS minus the RSS right after loading the model (the memory the input costs; the
+CoMeT process also holds the base model it was built from, which only the first number includes). Timings
 are medians over `--repeats` runs inside that subprocess. Both models are measured side by side in one
 invocation, with the same thread count.
 
@@ -103,7 +104,8 @@ def summarise(results: list[dict]) -> dict:
     if len(tiny) >= 2:
         lo, hi = get("tiny", "comet", tiny[0]), get("tiny", "comet", tiny[-1])
         summary["tiny_time_per_token_ratio"] = {"lengths": [tiny[0], tiny[-1]], "ratio": hi["ms_per_1k_tokens"] / lo["ms_per_1k_tokens"], "target": 1.15}
-        summary["tiny_peak_memory_ratio"] = {"lengths": [tiny[0], tiny[-1]], "ratio": hi["peak_rss_mib"] / lo["peak_rss_mib"], "target": 1.10}
+        summary["tiny_peak_memory_ratio"] = {"lengths": [tiny[0], tiny[-1]], "ratio": hi["peak_rss_mib"] / lo["peak_rss_mib"], "target": 1.10,
+                                             "input_rss_mib": [lo["input_rss_mib"], hi["input_rss_mib"]]}
     comet2k, base2k = get("smollm2", "comet", 2048), get("smollm2", "full_attention", 2048)
     if comet2k and base2k:
         m = SMOLLM2_MEMORY
@@ -124,8 +126,8 @@ def plot(results: list[dict], path: Path) -> None:
                 continue
             xs = [p[0] for p in pts]
             axes[row][0].plot(xs, [p[1]["ms_per_1k_tokens"] for p in pts], style, label=kind)
-            axes[row][1].plot(xs, [p[1]["peak_rss_mib"] for p in pts], style, label=kind)
-        for col, ylabel in enumerate(("prefill time per 1k tokens (ms, median)", "peak RSS (MiB)")):
+            axes[row][1].plot(xs, [p[1]["input_rss_mib"] for p in pts], style, label=kind)
+        for col, ylabel in enumerate(("prefill time per 1k tokens (ms, median)", "peak RSS added by the input (MiB)")):
             ax = axes[row][col]
             ax.set_xscale("log", base=2)
             ax.set_xlabel("input tokens")
