@@ -14,12 +14,12 @@ from .position_layout import POSITION_LAYOUTS
 SUPPORTED_BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def check_supported_base(base_config: PreTrainedConfig) -> None:
+def check_supported_base(base_config: PreTrainedConfig, method: str = "CoMeT") -> None:
     """Raise a ``ValueError`` naming the supported architectures if ``base_config`` is not one."""
     model_type = getattr(base_config, "model_type", None)
     if model_type not in SUPPORTED_BASE_MODEL_TYPES:
         raise ValueError(
-            f"Unsupported base architecture {model_type!r}: CoMeT supports decoder-only bases with the Llama "
+            f"Unsupported base architecture {model_type!r}: {method} supports decoder-only bases with the Llama "
             f"layer convention, namely {', '.join(SUPPORTED_BASE_MODEL_TYPES)}."
         )
 

@@ -61,7 +61,7 @@ class RamConfig(PreTrainedConfig):
 
     def check_ram_fields(self):
         """Check every RAM field in one place; raise a ValueError naming the bad values."""
-        check_supported_base(self.base_config)
+        check_supported_base(self.base_config, method="RAM")
         errors = []
         base_layers = self.base_config.num_hidden_layers
         if not isinstance(self.encoder_layers, int) or not 1 <= self.encoder_layers <= base_layers:
