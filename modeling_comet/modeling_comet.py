@@ -584,29 +584,44 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
                     state = self._advance(state, new_memories, self._fold_validity(state, folded))
             return
 
-        # Layer-major: every chunk through layer l before layer l+1. Which slots are valid depends only
-        # on the chunk index, so each chunk's mask and positions are built once up front.
-        states, chunks, hiddens = [state], [], []
+        # Layer-major: every chunk through layer l before layer l+1.
+        hiddens, chunks, states = self._layer_major_chunks(embeds, valid, bounds, L, state)
+        for layer in range(num_layers):
+            self._layer_over_chunks(layer, hiddens, chunks, states, bounds, L)
+        for i, (start, end) in enumerate(bounds):
+            on_text_hidden(start, hiddens[i][:, P : P + end - start])
+
+    def _layer_major_chunks(self, embeds, valid, bounds, total_length: int, first_state: CometMemoryState):
+        """Inputs of each chunk and the memory state each starts from, for layer-major execution.
+
+        Which slots are valid depends only on the chunk index, so every chunk's mask and positions can be
+        built before any layer runs; the states' tensors are filled layer by layer by `_layer_over_chunks`.
+        """
+        layout = self._layout(embeds.device)
+        B = embeds.shape[0]
+        folded = torch.ones(B, dtype=torch.bool, device=embeds.device)
+        states, chunks, hiddens = [first_state], [], []
         for start, end in bounds:
-            fold = end < L
+            fold = end < total_length
             hidden, *chunk = self._chunk_inputs(embeds[:, start:end], valid[:, start:end], states[-1], fold, layout)
             hiddens.append(hidden)
             chunks.append(chunk)
+            nxt = CometMemoryState.empty(self.config, B, embeds.dtype, embeds.device)
             if fold:
-                gv, tv = self._fold_validity(states[-1], folded)
-                states.append(CometMemoryState.empty(self.config, B, embeds.dtype, embeds.device))
-                states[-1].global_valid, states[-1].temp_valid = gv, tv
-        for layer in range(num_layers):
-            for i, (start, end) in enumerate(bounds):
-                fold = end < L
-                hiddens[i], new_memory = self._chunk_layer_step(layer, hiddens[i], chunks[i], states[i], fold, end - start)
-                if fold:
-                    nxt = states[i + 1]
-                    nxt.global_state[layer], nxt.global_memory[layer] = new_memory[0], new_memory[1]
-                    if new_memory[2] is not None:
-                        nxt.temp_memory[layer] = new_memory[2]
+                nxt.global_valid, nxt.temp_valid = self._fold_validity(states[-1], folded)
+            states.append(nxt)
+        return hiddens, chunks, states
+
+    def _layer_over_chunks(self, layer: int, hiddens, chunks, states, bounds, total_length: int) -> None:
+        """Run layer ``layer`` over consecutive chunks, handing each chunk's new memory to the next (in place)."""
         for i, (start, end) in enumerate(bounds):
-            on_text_hidden(start, hiddens[i][:, P : P + end - start])
+            fold = end < total_length
+            hiddens[i], new_memory = self._chunk_layer_step(layer, hiddens[i], chunks[i], states[i], fold, end - start)
+            if fold:
+                nxt = states[i + 1]
+                nxt.global_state[layer], nxt.global_memory[layer] = new_memory[0], new_memory[1]
+                if new_memory[2] is not None:
+                    nxt.temp_memory[layer] = new_memory[2]
 
     # ------------------------------------------------------------------ generation path
     def _cache_step(self, cache: CometCache, hidden, query_index, position_ids, inject_slots: bool):

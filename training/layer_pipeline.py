@@ -91,24 +91,12 @@ def layer_pipeline_loss(
     mine = bounds[first : first + sizes[rank]]
 
     embeds = model.model.embed_tokens(input_ids)
-    layout = model._layout(embeds.device)
     all_valid = torch.ones(B, L, dtype=torch.bool, device=embeds.device)
     folded = torch.ones(B, dtype=torch.bool, device=embeds.device)
-
-    # Which slots hold memory depends only on the chunk index, so every rank can build its own masks.
-    state = CometMemoryState.empty(config, B, embeds.dtype, embeds.device)
-    for _ in range(first):
-        state.global_valid, state.temp_valid = model._fold_validity(state, folded)
-    states, chunks, hiddens = [state], [], []
-    for start, end in mine:
-        fold = end < L
-        hidden, *chunk = model._chunk_inputs(embeds[:, start:end], all_valid[:, start:end], states[-1], fold, layout)
-        hiddens.append(hidden)
-        chunks.append(chunk)
-        nxt = CometMemoryState.empty(config, B, embeds.dtype, embeds.device)
-        nxt.global_valid, nxt.temp_valid = model._fold_validity(states[-1], folded) if fold else (
-            states[-1].global_valid, states[-1].temp_valid)
-        states.append(nxt)
+    first_state = CometMemoryState.empty(config, B, embeds.dtype, embeds.device)
+    for _ in range(first):  # the slots valid at this rank's first chunk depend only on its index
+        first_state.global_valid, first_state.temp_valid = model._fold_validity(first_state, folded)
+    hiddens, chunks, states = model._layer_major_chunks(embeds, all_valid, mine, L, first_state)
 
     with_temp = config.use_temp_memory
     anchor = embeds.sum() * 0  # gives the receive node a place in the graph
@@ -119,14 +107,7 @@ def layer_pipeline_loss(
             states[0].global_state[layer], states[0].global_memory[layer] = received[0], received[1]
             if with_temp:
                 states[0].temp_memory[layer] = received[2]
-        for i, (start, end) in enumerate(mine):
-            fold = end < L
-            hiddens[i], new_memory = model._chunk_layer_step(layer, hiddens[i], chunks[i], states[i], fold, end - start)
-            if fold:
-                nxt = states[i + 1]
-                nxt.global_state[layer], nxt.global_memory[layer] = new_memory[0], new_memory[1]
-                if new_memory[2] is not None:
-                    nxt.temp_memory[layer] = new_memory[2]
+        model._layer_over_chunks(layer, hiddens, chunks, states, mine, L)
         if rank < world - 1:
             tokens.append(_SendToNext.apply(rank + 1, group, *_layer_tensors(states[-1], layer, with_temp)))
 
