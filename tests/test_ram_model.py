@@ -15,15 +15,6 @@ from modeling_comet.modeling_ram import RamForCausalLM
 VOCAB = 120
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread; on a shared CPU more threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_base(seed=0, vocab_size=VOCAB):
     torch.manual_seed(seed)
     config = LlamaConfig(

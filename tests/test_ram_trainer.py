@@ -15,15 +15,6 @@ from training.ram_trainer import RamDataCollator, RamTrainer, apply_finetuning, 
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread; on a shared CPU more threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_ram(vocab_size=VOCAB, **fields):
     torch.manual_seed(0)
     base = LlamaForCausalLM(
