@@ -137,7 +137,6 @@ def plot(results: list[dict], path: Path) -> None:
             ax.legend()
     fig.tight_layout()
     atomic_save_figure(fig, path)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:

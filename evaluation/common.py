@@ -133,7 +133,7 @@ def atomic_write_json(path: str | Path, payload: dict) -> Path:
 
 
 def atomic_save_figure(figure: Any, path: str | Path, dpi: int = 120) -> Path:
-    """Save a matplotlib figure as PNG through a temporary sibling."""
+    """Save a matplotlib figure as PNG through a temporary sibling, then close the figure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -144,6 +144,8 @@ def atomic_save_figure(figure: Any, path: str | Path, dpi: int = 120) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        pyplot().close(figure)
     return path
 
 

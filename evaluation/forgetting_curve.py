@@ -293,10 +293,7 @@ def plot(summary: dict[str, Any], title: str, train_length: int | None, scale: s
     axis.set_title(title)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="best")
-    try:
-        return atomic_save_figure(figure, path)
-    finally:
-        plt.close(figure)
+    return atomic_save_figure(figure, path)
 
 
 # ----------------------------------------------------------------------------------------------- cli

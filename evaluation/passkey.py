@@ -222,10 +222,7 @@ def plot(results: dict[str, dict[str, Any]], lengths: list[int], depths: list[fl
         mean = result["mean_accuracy"]
         axis.set_title(f"{name}\nmean accuracy {mean:.2f}" if mean is not None else name, fontsize=9)
     figure.colorbar(image, ax=axes[0].tolist(), fraction=0.03, label="exact-match accuracy")
-    try:
-        return atomic_save_figure(figure, path)
-    finally:
-        plt.close(figure)
+    return atomic_save_figure(figure, path)
 
 
 def format_length(length: int) -> str:

@@ -212,10 +212,7 @@ def plot(results: dict[str, dict[str, Any]], title: str, path: Path) -> Path:
     axis.set_ylim(0, max(100.0, max(scores) * 1.15))
     axis.set_title(title, fontsize=9)
     axis.tick_params(axis="x", rotation=30)
-    try:
-        return atomic_save_figure(figure, path)
-    finally:
-        plt.close(figure)
+    return atomic_save_figure(figure, path)
 
 
 # ----------------------------------------------------------------------------------------------- cli
