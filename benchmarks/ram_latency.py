@@ -14,15 +14,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from evaluation.common import atomic_save_figure, atomic_write_json, pyplot
 
 QUESTION = "\n\nQuestion: Which module is described first in the text above?\nAnswer:"
 
@@ -46,25 +46,8 @@ def timed(fn, repeats: int) -> list[float]:
     return seconds
 
 
-def write_atomically(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent, suffix=path.suffix)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates files readable by the owner only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     lengths = [row["context_tokens"] for row in results["rows"]]
     figure, axis = plt.subplots(figsize=(6, 4))
     axis.plot(lengths, [row["full_median_s"] for row in results["rows"]], "o-", label="full prompt")
@@ -81,7 +64,7 @@ def plot(results: dict, path: Path) -> None:
     axis.set_title(f"RAM vs full prompt, {results['model']}, {results['threads']} CPU threads")
     axis.legend()
     figure.tight_layout()
-    write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=120, format="png"))
+    atomic_save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -153,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average_at_start": load_average, "rows": rows,
     }
     output = Path(args.output_dir)
-    write_atomically(output / "ram_latency.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    atomic_write_json(output / "ram_latency.json", results)
     plot(results, output / "ram_latency.png")
     return results
 
