@@ -39,7 +39,8 @@ class CometConfig(PreTrainedConfig):
         chunk_size (`int`, *optional*, defaults to 256):
             Number of text tokens per chunk. Also the size of the live window while generating.
         global_mem_size (`int`, *optional*, defaults to 8):
-            Number of global memory slots, and of readout tokens that update them.
+            Number of global memory slots, and of readout tokens that update them. `0` ablates the global memory
+            (temporary memory only).
         temp_beacon_stride (`int`, *optional*, defaults to 16):
             A beacon token follows every `temp_beacon_stride` text tokens; each beacon's output joins the
             temporary memory. Must divide `chunk_size`. `-1` disables the temporary memory.
@@ -88,8 +89,10 @@ class CometConfig(PreTrainedConfig):
         errors = []
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             errors.append(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
-        if not isinstance(self.global_mem_size, int) or self.global_mem_size < 1:
-            errors.append(f"global_mem_size must be a positive integer, got {self.global_mem_size!r}")
+        if not isinstance(self.global_mem_size, int) or self.global_mem_size < 0:
+            errors.append(f"global_mem_size must be a non-negative integer, got {self.global_mem_size!r}")
+        elif self.global_mem_size == 0 and self.temp_beacon_stride == -1:
+            errors.append("global_mem_size is 0 and temp_beacon_stride is -1: the model would have no memory at all")
         if self.temp_beacon_stride != -1:
             if not isinstance(self.temp_beacon_stride, int) or self.temp_beacon_stride < 1:
                 errors.append(f"temp_beacon_stride must be a positive integer or -1, got {self.temp_beacon_stride!r}")

@@ -482,13 +482,21 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
             temp = torch.cat([state.temp_memory[layer], entries], dim=1)[:, -self.config.temp_slots :]
         return g_state, g_memory, temp
 
-    def _fold_validity(self, state: CometMemoryState, folded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slot validity after a fold of the samples where ``folded`` (B,) is True."""
-        global_valid = state.global_valid | folded
+    def _fold_validity(
+        self, state: CometMemoryState, folded: torch.Tensor, temp_budget: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot validity after a fold of the samples where ``folded`` (B,) is True.
+
+        ``temp_budget`` (0 .. ``temp_mem_budget``) keeps only that many newest temporary entries visible,
+        so that training can sample a smaller temporary memory and make the global memory do the work.
+        """
+        global_valid = (state.global_valid | folded) if self.config.global_mem_size else state.global_valid
         temp_valid = state.temp_valid
         if self.config.use_temp_memory:
             new = folded[:, None].expand(-1, self.config.beacons_per_chunk)
             shifted = torch.cat([temp_valid, new], dim=1)[:, -self.config.temp_slots :]
+            if temp_budget is not None and temp_budget < self.config.temp_slots:
+                shifted[:, : self.config.temp_slots - temp_budget] = False
             temp_valid = torch.where(folded[:, None], shifted, temp_valid)
         return global_valid, temp_valid
 
@@ -560,7 +568,7 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
             temp_valid=validity[1],
         )
 
-    def _forward_chunks(self, embeds, valid, on_text_hidden, layer_major: bool):
+    def _forward_chunks(self, embeds, valid, on_text_hidden, layer_major: bool, temp_budget: int | None = None):
         """Read ``embeds`` (B, L, d) chunk by chunk; ``on_text_hidden(start, hidden)`` receives final text states."""
         B, L, _ = embeds.shape
         C = self.config.chunk_size
@@ -581,17 +589,19 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
                     new_memories.append(new_memory)
                 on_text_hidden(start, hidden[:, P : P + end - start])
                 if fold:
-                    state = self._advance(state, new_memories, self._fold_validity(state, folded))
+                    state = self._advance(state, new_memories, self._fold_validity(state, folded, temp_budget))
             return
 
         # Layer-major: every chunk through layer l before layer l+1.
-        hiddens, chunks, states = self._layer_major_chunks(embeds, valid, bounds, L, state)
+        hiddens, chunks, states = self._layer_major_chunks(embeds, valid, bounds, L, state, temp_budget)
         for layer in range(num_layers):
             self._layer_over_chunks(layer, hiddens, chunks, states, bounds, L)
         for i, (start, end) in enumerate(bounds):
             on_text_hidden(start, hiddens[i][:, P : P + end - start])
 
-    def _layer_major_chunks(self, embeds, valid, bounds, total_length: int, first_state: CometMemoryState):
+    def _layer_major_chunks(
+        self, embeds, valid, bounds, total_length: int, first_state: CometMemoryState, temp_budget: int | None = None
+    ):
         """Inputs of each chunk and the memory state each starts from, for layer-major execution.
 
         Which slots are valid depends only on the chunk index, so every chunk's mask and positions can be
@@ -608,7 +618,7 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
             chunks.append(chunk)
             nxt = CometMemoryState.empty(self.config, B, embeds.dtype, embeds.device)
             if fold:
-                nxt.global_valid, nxt.temp_valid = self._fold_validity(states[-1], folded)
+                nxt.global_valid, nxt.temp_valid = self._fold_validity(states[-1], folded, temp_budget)
             states.append(nxt)
         return hiddens, chunks, states
 
@@ -740,6 +750,8 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         layer_major: bool | None = None,
         return_dict: bool | None = None,
+        label_weights: torch.Tensor | None = None,
+        temp_budget: int | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -755,6 +767,12 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0): keep logits for only the last
                 `logits_to_keep` positions (0 keeps all), or for the given indices.
             layer_major (`bool`, *optional*): execution order of the whole-chunk path (default `config.layer_major`).
+            label_weights (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): a weight per label
+                (aligned with `labels`); the loss is then the weighted mean `Σ w·CE / Σ w` over labelled tokens, e.g. to
+                mix an answer loss with a down-weighted language-modelling loss on the text.
+            temp_budget (`int`, *optional*): see only the newest `temp_budget` (0 .. `temp_mem_budget`) temporary
+                memory entries in this forward (no-cache path); training samples it so the global memory must carry
+                what lies beyond that window.
         """
         cache = kwargs.pop("past_key_values", cache)
         if (input_ids is None) == (inputs_embeds is None):
@@ -778,6 +796,15 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
             if attention_mask.dim() != 2:
                 raise ValueError("CoMeT takes a 2D (batch, length) attention_mask; it builds its own attention layout")
             valid = attention_mask[:, -L:].bool()
+        if label_weights is not None and (labels is None or label_weights.shape != labels.shape):
+            raise ValueError("label_weights needs labels of the same shape")
+        if temp_budget is not None:
+            if not self.config.use_temp_memory or not 0 <= temp_budget <= self.config.temp_slots:
+                raise ValueError(
+                    f"temp_budget must lie in [0, {self.config.temp_slots}] on a model with temporary memory, got {temp_budget}"
+                )
+            if cache is not None or use_cache:
+                raise ValueError("temp_budget applies to the training (no-cache) forward only")
         if use_cache and cache is None:
             cache = CometCache()
         if cache is not None and not isinstance(cache, CometCache):
@@ -797,11 +824,14 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
         keep = inverse[:, keep_cols]  # (B, K)
         kept_hidden = embeds.new_zeros(B, keep.shape[1], d)
 
-        shift_labels = None
+        shift_labels = shift_weights = None
         loss_sum = embeds.new_zeros(())
         if labels is not None:
             shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # target of column t is label t+1
             shift_labels = shifted.gather(1, order).masked_fill(~valid_sorted, -100)
+            if label_weights is not None:
+                shift_weights = F.pad(label_weights[:, 1:].float(), (0, 1)).gather(1, order)
+                shift_weights = shift_weights.masked_fill(shift_labels == -100, 0.0)
 
         def collect(start, real, text_hidden):
             """Gather kept final states; accumulate the loss. start: int or (B,) offsets of the chunk."""
@@ -821,19 +851,28 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
             if shift_labels is not None:
                 targets = shift_labels.gather(1, columns.clamp(max=L - 1)).masked_fill(~real, -100)
                 logits = self.lm_head(normed).float()
-                loss_sum = loss_sum + F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+                if shift_weights is None:
+                    loss_sum = loss_sum + F.cross_entropy(
+                        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+                    )
+                else:
+                    weights = shift_weights.gather(1, columns.clamp(max=L - 1)).masked_fill(~real, 0.0)
+                    token_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+                    loss_sum = loss_sum + (token_loss * weights.flatten()).sum()
 
         if cache is not None:
             self._forward_with_cache(embeds, valid_sorted, cache, collect)
         else:
             major = self.config.layer_major if layer_major is None else layer_major
-            self._forward_chunks(embeds, valid_sorted, lambda start, h: collect(start, None, h), major)
+            self._forward_chunks(embeds, valid_sorted, lambda start, h: collect(start, None, h), major, temp_budget)
 
         logits = self.lm_head(kept_hidden)
         loss = None
         if shift_labels is not None:
             count = kwargs.get("num_items_in_batch")
-            if count is None:
+            if shift_weights is not None:
+                count = shift_weights.sum()
+            elif count is None:
                 count = (shift_labels != -100).sum()
             loss = loss_sum / torch.as_tensor(count, device=loss_sum.device).clamp(min=1)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: cache})

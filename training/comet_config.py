@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .recall_data import CURRICULUM_MODES, RECALL_TASKS
+
 FINETUNING_MODES = ("lora", "full", "memory")
+TASKS = ("lm", *RECALL_TASKS)
 
 
 @dataclass
@@ -42,6 +45,39 @@ class CometTrainingConfig(TrainingArguments):
             Comma-separated module names LoRA adapts.
         memory_lr_multiplier (`float`, *optional*, defaults to 5.0):
             Learning rate of the memory parameters relative to `learning_rate` (the authors train them ~5x faster).
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Allow `model_name_or_path` to run code from its folder or repo. Off by default: a CoMeT checkpoint loads
+            with this package's own classes, and the embedded default needs no remote code.
+        task (`str`, *optional*, defaults to `"lm"`):
+            `"lm"`: language modelling over packed samples. `"passkey"`, `"associative"` or `"mixed"`: recall samples
+            (`training.recall_data`): facts planted in prose at a controlled distance in chunks, asked at the end.
+        recall_chunks (`str`, *optional*, defaults to `"6,8"`):
+            Length of a recall sample in chunks, `"min,max"` (at least `max distance + 1`).
+        curriculum (`str`, *optional*, defaults to `"schedule"`):
+            How the fact→question distance grows: `"schedule"` (a stage every `curriculum_stage_steps` steps),
+            `"accuracy"` (a stage once answer exact-match reaches `curriculum_threshold` over `curriculum_window`
+            batches) or `"none"` (the last stage from the start).
+        curriculum_distances (`str`, *optional*, defaults to `"1,2,4,8"`):
+            Largest distance, in chunks, of each stage; distances are drawn from `min_distance` up to it.
+        curriculum_stage_steps (`int`, *optional*, defaults to 200), curriculum_threshold (`float`, *optional*,
+        defaults to 0.9), curriculum_window (`int`, *optional*, defaults to 20), min_distance (`int`, *optional*,
+        defaults to 0):
+            See `curriculum`.
+        num_keys (`int`, *optional*, defaults to 4), num_queries (`int`, *optional*, defaults to 2),
+        key_digits (`int`, *optional*, defaults to 5):
+            Facts planted and asked in associative samples; digits per key.
+        boundary_fraction (`float`, *optional*, defaults to 0.25):
+            Share of recall samples whose question ends exactly on a chunk boundary (the answer then starts a
+            fresh window and must come from memory, as at inference when a prompt fills its last window).
+        lm_fraction (`float`, *optional*, defaults to 0.0):
+            Share of plain language-modelling samples mixed into recall training.
+        lm_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the language-modelling loss on a recall sample's text, relative to 1 for its answers.
+        temp_budget_choices (`str`, *optional*):
+            Comma-separated temporary-memory budgets to sample one of per batch (e.g. `"0,16,32,64"`), so the
+            global memory must carry what lies beyond the temporary window. Unset: the configured budget.
+        recall_rows (`int`, *optional*, defaults to 100000):
+            Rows of the (lazily built) recall dataset; one epoch is this many samples.
     """
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "base causal LM or saved CoMeT model"})
@@ -60,6 +96,23 @@ class CometTrainingConfig(TrainingArguments):
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_target_modules: str = field(default="q_proj,k_proj,v_proj,o_proj", metadata={"help": "LoRA targets"})
     memory_lr_multiplier: float = field(default=5.0, metadata={"help": "memory lr / base lr"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "let model_name_or_path run its own code"})
+    task: str = field(default="lm", metadata={"help": f"one of {TASKS}"})
+    recall_chunks: str = field(default="6,8", metadata={"help": "recall sample length in chunks: min,max"})
+    curriculum: str = field(default="schedule", metadata={"help": f"one of {CURRICULUM_MODES}"})
+    curriculum_distances: str = field(default="1,2,4,8", metadata={"help": "largest distance (chunks) per stage"})
+    curriculum_stage_steps: int = field(default=200, metadata={"help": "steps per stage (schedule)"})
+    curriculum_threshold: float = field(default=0.9, metadata={"help": "exact-match accuracy to move up (accuracy)"})
+    curriculum_window: int = field(default=20, metadata={"help": "batches averaged for the accuracy curriculum"})
+    min_distance: int = field(default=0, metadata={"help": "smallest fact-to-question distance in chunks"})
+    num_keys: int = field(default=4, metadata={"help": "facts per associative sample"})
+    num_queries: int = field(default=2, metadata={"help": "facts asked per associative sample"})
+    key_digits: int = field(default=5, metadata={"help": "digits per key"})
+    boundary_fraction: float = field(default=0.25, metadata={"help": "share of prompts ending on a chunk boundary"})
+    lm_fraction: float = field(default=0.0, metadata={"help": "share of plain LM samples among recall samples"})
+    lm_loss_weight: float = field(default=0.0, metadata={"help": "weight of the LM loss on recall text"})
+    temp_budget_choices: str | None = field(default=None, metadata={"help": "temp budgets sampled per batch"})
+    recall_rows: int = field(default=100_000, metadata={"help": "rows of the recall dataset"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -69,6 +122,40 @@ class CometTrainingConfig(TrainingArguments):
             raise ValueError(f"sample_tokens must be at least 2, got {self.sample_tokens}")
         if self.memory_lr_multiplier <= 0:
             raise ValueError(f"memory_lr_multiplier must be positive, got {self.memory_lr_multiplier}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.curriculum not in CURRICULUM_MODES:
+            raise ValueError(f"curriculum must be one of {CURRICULUM_MODES}, got {self.curriculum!r}")
+        self.recall_chunk_range  # noqa: B018  (validates)
+        self.curriculum_distance_list  # noqa: B018
+        self.temp_budget_list  # noqa: B018
+
+    @staticmethod
+    def _int_list(name: str, text: str) -> list[int]:
+        try:
+            return [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
+
+    @property
+    def recall_chunk_range(self) -> tuple[int, int]:
+        values = self._int_list("recall_chunks", self.recall_chunks)
+        if len(values) == 1:
+            values *= 2
+        if len(values) != 2 or not 1 <= values[0] <= values[1]:
+            raise ValueError(f"recall_chunks must be 'min,max' with 1 <= min <= max, got {self.recall_chunks!r}")
+        return values[0], values[1]
+
+    @property
+    def curriculum_distance_list(self) -> list[int]:
+        return self._int_list("curriculum_distances", self.curriculum_distances)
+
+    @property
+    def temp_budget_list(self) -> list[int]:
+        values = self._int_list("temp_budget_choices", self.temp_budget_choices or "")
+        if any(v < 0 for v in values):
+            raise ValueError(f"temp_budget_choices must be non-negative, got {self.temp_budget_choices!r}")
+        return values
 
 
-__all__ = ["FINETUNING_MODES", "CometTrainingConfig"]
+__all__ = ["FINETUNING_MODES", "TASKS", "CometTrainingConfig"]

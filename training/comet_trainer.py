@@ -1,26 +1,46 @@
-"""Fine-tune a CoMeT model with the language-modelling loss over long samples.
+"""Fine-tune a CoMeT model: language modelling over long samples, or recall training that teaches the memory.
 
     python -m training.comet_trainer --output_dir runs/comet --max_steps 200 --sample_tokens 1536
+    python -m training.comet_trainer --config training/recipes/smollm2_recall.yaml   # flags override the file
 
 The trainer is a `transformers.Trainer` that calls the CoMeT model's own chunked forward (TRL's
 SFTTrainer would patch the forward with a fused LM head and the memory would get no gradient), with
 the memory parameters in their own optimizer group at `memory_lr_multiplier` times the learning rate.
 Gradients flow through the memories across every chunk of a sample (full BPTT).
+
+Recall tasks (`--task passkey|associative|mixed`, see `training.recall_data`) plant facts in prose at a
+distance in chunks that a curriculum raises, label the answers (plus, optionally, the text at a lower
+weight), sample a temporary-memory budget per batch (`--temp_budget_choices 0,16,32,64`) so that the
+global memory must carry the facts, and log the answers' token and exact-match accuracy.
+
+A run never overwrites the checkpoints of an earlier one: rerun with `--resume_from_checkpoint latest`
+(or a checkpoint folder) to continue exactly where it stopped, including the curriculum stage.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, default_data_collator
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, default_data_collator
+from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_comet import CometForCausalLM
 
 from .comet_config import CometTrainingConfig
+from .recall_data import (
+    FillerStream,
+    RecallCollator,
+    RecallCurriculum,
+    RecallSampleBuilder,
+    answer_accuracy,
+    recall_dataset,
+)
 
 MEMORY_PREFIX = "comet_memory."
 
@@ -64,7 +84,7 @@ def build_model(config: CometTrainingConfig):
     from convert.smollm2 import smollm2_path
 
     source = config.model_name_or_path or str(smollm2_path())
-    loaded = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=config.trust_remote_code, dtype=torch.float32)
     if isinstance(loaded, CometForCausalLM) or getattr(loaded.config, "model_type", None) == "comet":
         model = loaded
     else:
@@ -88,13 +108,65 @@ def build_model(config: CometTrainingConfig):
         model = get_peft_model(model, lora)
     elif config.finetuning == "memory":
         for name, param in model.named_parameters():
-            param.requires_grad = name.startswith(MEMORY_PREFIX)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
+            param.requires_grad = MEMORY_PREFIX in name
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
     return model, tokenizer
 
 
+def comet_config_of(model) -> object:
+    """The `CometConfig` of a CoMeT model, PEFT-wrapped or not."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != "comet":
+        config = model.get_base_model().config
+    return config
+
+
+def build_recall_data(config: CometTrainingConfig, tokenizer, chunk_size: int):
+    """(train dataset, collator, curriculum) of a recall task."""
+    stream = FillerStream.from_texts(load_texts(config), tokenizer)
+    builder = RecallSampleBuilder(
+        tokenizer,
+        stream,
+        chunk_size=chunk_size,
+        task=config.task,
+        num_chunks=config.recall_chunk_range,
+        key_digits=config.key_digits,
+        num_keys=config.num_keys,
+        num_queries=config.num_queries,
+        boundary_fraction=config.boundary_fraction,
+        lm_fraction=config.lm_fraction,
+        lm_loss_weight=config.lm_loss_weight,
+    )
+    curriculum = RecallCurriculum(
+        config.curriculum_distance_list,
+        mode=config.curriculum,
+        stage_steps=config.curriculum_stage_steps,
+        threshold=config.curriculum_threshold,
+        window=config.curriculum_window,
+        min_distance=config.min_distance,
+    )
+    data = recall_dataset(builder, curriculum, config.recall_rows, seed=config.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return data, RecallCollator(pad_token_id=pad if pad is not None else 0), curriculum
+
+
 class CometTrainer(Trainer):
-    """`Trainer` that runs CoMeT's own forward and trains the memory at a higher learning rate."""
+    """`Trainer` that runs CoMeT's own forward and trains the memory at a higher learning rate.
+
+    Args (besides `Trainer`'s):
+        curriculum: a `RecallCurriculum` fed with each batch's answer accuracy; its stage is saved in checkpoints.
+        temp_budget_choices: temporary-memory budgets, one sampled per batch (reproducibly from the step).
+    """
+
+    def __init__(self, *args, curriculum: RecallCurriculum | None = None, temp_budget_choices=(), **kwargs):
+        if curriculum is not None:
+            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), curriculum]
+        super().__init__(*args, **kwargs)
+        self.curriculum = curriculum
+        self.temp_budget_choices = list(temp_budget_choices)
+        # The loss is normalised per batch by CoMeT's forward; let Trainer average over accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self._metrics: dict[str, list[float]] = defaultdict(list)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -112,38 +184,119 @@ class CometTrainer(Trainer):
             self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
         return self.optimizer
 
+    def _temp_budget(self, input_ids: torch.Tensor) -> int | None:
+        if not self.temp_budget_choices:
+            return None
+        rng = random.Random(f"{self.args.seed}/{self.state.global_step}/{int(input_ids.sum())}")
+        return rng.choice(self.temp_budget_choices)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(input_ids=inputs["input_ids"], labels=inputs["labels"], logits_to_keep=1)
+        spans = inputs.pop("answer_spans", None)
+        tail = inputs.pop("answer_tail", 0)
+        kwargs = {}
+        if "label_weights" in inputs:
+            kwargs["label_weights"] = inputs["label_weights"]
+        if model.training and (budget := self._temp_budget(inputs["input_ids"])) is not None:
+            kwargs["temp_budget"] = budget
+            self._metrics["temp_budget"].append(budget)
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs.get("attention_mask"),
+            labels=inputs["labels"],
+            logits_to_keep=max(int(tail), 1),
+            **kwargs,
+        )
+        if spans and any(spans):
+            token_acc, exact = answer_accuracy(outputs.logits.detach(), inputs["input_ids"], spans, int(tail))
+            prefix = "" if model.training else "eval_"
+            self._metrics[prefix + "answer_token_accuracy"].append(token_acc)
+            self._metrics[prefix + "answer_exact"].append(exact)
+            if model.training and self.curriculum is not None:
+                self.curriculum.record(exact)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        is_eval = any(key.startswith("eval_") for key in logs)
+        for key in [k for k in self._metrics if k.startswith("eval_") == is_eval]:
+            values = self._metrics.pop(key)
+            logs[key] = round(sum(values) / len(values), 4)
+        super().log(logs, *args, **kwargs)
+
+    def _load_callback_state(self) -> None:
+        super()._load_callback_state()
+        stored = self.state.stateful_callbacks.get(type(self.curriculum).__name__) if self.curriculum else None
+        if stored:
+            self.curriculum.load_state(stored[0] if isinstance(stored, list) else stored)
+
+
+def resolve_resume(config: CometTrainingConfig) -> str | None:
+    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite an earlier run's checkpoints.
+
+    `--resume_from_checkpoint latest` (or `true`) takes the newest checkpoint in `output_dir` (a fresh run if
+    there is none); any other value must be a checkpoint folder.
+    """
+    out = Path(config.output_dir)
+    existing = get_last_checkpoint(str(out)) if out.is_dir() else None
+    wanted = config.resume_from_checkpoint
+    if wanted is None or str(wanted).lower() in ("", "false", "none"):
+        if existing is not None:
+            raise FileExistsError(
+                f"{out} already holds checkpoints of an earlier run (newest: {Path(existing).name}); pass "
+                "--resume_from_checkpoint latest to continue it, or choose another --output_dir"
+            )
+        return None
+    if str(wanted).lower() in ("latest", "true", "last"):
+        return existing
+    path = Path(wanted)
+    if not (path.is_dir() and (path / "trainer_state.json").is_file()):
+        raise FileNotFoundError(f"--resume_from_checkpoint {wanted}: not a checkpoint folder (no trainer_state.json)")
+    return str(path)
+
+
+def parse_config(argv: list[str] | None) -> CometTrainingConfig:
+    from trl import TrlParser
+
+    args = list(argv) if argv is not None else sys.argv[1:]
+    if len(args) == 1 and args[0].endswith((".yaml", ".yml")):  # `python -m training.comet_trainer recipe.yaml`
+        args = ["--config", args[0]]
+    (config,) = TrlParser([CometTrainingConfig]).parse_args_and_config(args)
+    return config
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser(CometTrainingConfig)
-    args = argv if argv is not None else sys.argv[1:]
-    if len(args) == 1 and args[0].endswith((".yaml", ".yml", ".json")):
-        (config,) = parser.parse_yaml_file(args[0]) if args[0].endswith(("yaml", "yml")) else parser.parse_json_file(args[0])
-    else:
-        (config,) = parser.parse_args_into_dataclasses(args)
+    config = parse_config(argv)
+    resume = resolve_resume(config)
     model, tokenizer = build_model(config)
-    data = pack_samples(load_texts(config), tokenizer, config.sample_tokens).shuffle(seed=config.seed)
-    n_eval = min(config.eval_samples, len(data) - 1)
-    eval_data, train_data = data.select(range(n_eval)), data.select(range(n_eval, len(data)))
+    comet_config = comet_config_of(model)
+    curriculum = None
+    eval_data = None
+    if config.task == "lm":
+        data = pack_samples(load_texts(config), tokenizer, config.sample_tokens).shuffle(seed=config.seed)
+        n_eval = min(config.eval_samples, len(data) - 1)
+        eval_data, train_data = (data.select(range(n_eval)) if n_eval else None), data.select(range(n_eval, len(data)))
+        collator = default_data_collator
+    else:
+        train_data, collator, curriculum = build_recall_data(config, tokenizer, comet_config.chunk_size)
+        config.remove_unused_columns = False  # the rows are built on access from an index column
     trainer = CometTrainer(
         model=model,
         args=config,
         train_dataset=train_data,
-        eval_dataset=eval_data if n_eval else None,
-        data_collator=default_data_collator,
+        eval_dataset=eval_data,
+        data_collator=collator,
+        curriculum=curriculum,
+        temp_budget_choices=config.temp_budget_list,
     )
-    before = trainer.evaluate() if n_eval else {}
-    trainer.train()
-    after = trainer.evaluate() if n_eval else {}
+    before = trainer.evaluate() if eval_data is not None and resume is None else {}
+    if resume:
+        print(f"resuming from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
+    after = trainer.evaluate() if eval_data is not None else {}
     trainer.save_model(config.output_dir)
     tokenizer.save_pretrained(config.output_dir)
-    if config.finetuning == "memory":  # the only new weights: a few MB that convert.to_comet can load
-        from convert.to_comet import save_memory_weights
+    from convert.trained_weights import save_trained_weights
 
-        save_memory_weights(trainer.model, Path(config.output_dir) / "comet_memory.safetensors")
+    save_trained_weights(trainer.model, Path(config.output_dir) / "comet_trained.safetensors")
     summary = {"eval_loss_before": before.get("eval_loss"), "eval_loss_after": after.get("eval_loss")}
     for key in list(summary):
         if summary[key] is not None:
@@ -156,4 +309,12 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["CometTrainer", "build_model", "load_texts", "main", "pack_samples"]
+__all__ = [
+    "CometTrainer",
+    "build_model",
+    "build_recall_data",
+    "load_texts",
+    "main",
+    "pack_samples",
+    "resolve_resume",
+]

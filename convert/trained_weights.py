@@ -1,0 +1,136 @@
+"""Trained CoMeT weights as one small safetensors file: the memory parameters plus LoRA factors, if any.
+
+A recall run on SmolLM2 changes only the memory (a few MB) and, with LoRA, low-rank factors of some base
+projections (a few MB more). This file format keeps just those, so a long run ships in the repository and
+can be applied to a freshly built CoMeT model:
+
+* ``comet_memory.<name>``: every memory parameter, named relative to the memory module, so the file loads
+  whatever module path the memory has in the model (e.g. ``comet_memory.`` or ``model.comet_memory.``);
+* ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``: LoRA factors of base linear layers named as in the
+  CoMeT model (``model.layers.0.self_attn.q_proj``); applying merges ``W += (alpha / r) · B @ A``.
+
+The metadata records the format, the LoRA rank and alpha, and the CoMeT memory settings it was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+FORMAT = "comet-trained-weights/1"
+MEMORY = "comet_memory."
+_PEFT_PREFIX = re.compile(r"^base_model\.model\.")
+_LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.(?:[^.]+\.)?weight$")
+_MEMORY_FIELDS = ("chunk_size", "global_mem_size", "temp_beacon_stride", "temp_mem_budget", "adapter_rank", "position_layout")
+
+
+def _canonical(name: str) -> str | None:
+    """The file key of a trainable parameter name of a (possibly PEFT-wrapped) CoMeT model, or None to skip it."""
+    name = _PEFT_PREFIX.sub("", name)
+    if MEMORY in name:
+        rest = name.split(MEMORY, 1)[1]
+        if rest.startswith("original_module."):
+            return None
+        rest = re.sub(r"^modules_to_save\.[^.]+\.", "", rest)
+        return MEMORY + rest
+    match = _LORA.match(name)
+    if match:
+        return f"{match['module']}.lora_{match['factor']}.weight"
+    return None
+
+
+def _memory_prefix(model: torch.nn.Module) -> str:
+    for name, _ in model.named_modules():
+        if name.endswith("comet_memory"):
+            return name + "."
+    raise ValueError("the model has no comet_memory module: is it a CoMeT model?")
+
+
+def save_trained_weights(model: torch.nn.Module, path: str | Path) -> Path:
+    """Write the memory parameters and any LoRA factors of ``model`` (a CoMeT model, PEFT-wrapped or not)."""
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_file
+
+    tensors = {}
+    for name, param in model.named_parameters():
+        key = _canonical(name)
+        if key is not None and (key.startswith(MEMORY) or param.requires_grad):
+            tensors[key] = param.detach().float().contiguous().cpu()
+    if not any(k.startswith(MEMORY) for k in tensors):
+        raise ValueError("the model has no comet_memory parameters")
+    metadata = {"format": FORMAT}
+    peft_config = getattr(model, "peft_config", {}).get("default")
+    if any(".lora_" in k for k in tensors):
+        metadata["lora"] = json.dumps({"r": peft_config.r, "alpha": peft_config.lora_alpha})
+    comet = getattr(model, "config", None)
+    if getattr(comet, "model_type", None) != "comet" and hasattr(model, "get_base_model"):
+        comet = model.get_base_model().config
+    metadata["memory"] = json.dumps({f: getattr(comet, f) for f in _MEMORY_FIELDS})
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def read_metadata(path: str | Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        raw = f.metadata() or {}
+    if raw.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a CoMeT trained-weights file (format {raw.get('format')!r}, expected {FORMAT})")
+    return {k: (json.loads(v) if k != "format" else v) for k, v in raw.items()}
+
+
+@torch.no_grad()
+def apply_trained_weights(model: torch.nn.Module, path: str | Path) -> dict:
+    """Load the memory and merge the LoRA factors of ``path`` into a plain CoMeT model; all or nothing.
+
+    Fails, before changing anything, if the file's memory settings differ from the model's, if a memory
+    parameter is missing or extra, or if a LoRA factor names no linear layer of the model. Returns the metadata.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"trained weights not found: {path}")
+    metadata = read_metadata(path)
+    for field, value in metadata["memory"].items():
+        if getattr(model.config, field) != value:
+            raise ValueError(f"{path} was trained with {field}={value!r}; this model has {getattr(model.config, field)!r}")
+    tensors = load_file(path)
+    prefix = _memory_prefix(model)
+    state = model.state_dict()
+    memory = {prefix + k[len(MEMORY) :]: v for k, v in tensors.items() if k.startswith(MEMORY)}
+    expected = {k for k in state if k.startswith(prefix)}
+    if memory.keys() != expected:
+        missing, extra = sorted(expected - memory.keys()), sorted(memory.keys() - expected)
+        raise KeyError(f"memory weights in {path} do not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for key, value in memory.items():
+        if value.shape != state[key].shape:
+            raise ValueError(f"{key}: shape {tuple(value.shape)} in {path}, model expects {tuple(state[key].shape)}")
+    deltas = {}
+    lora = {k: v for k, v in tensors.items() if not k.startswith(MEMORY)}
+    if lora:
+        scale = metadata["lora"]["alpha"] / metadata["lora"]["r"]
+        modules = dict(model.named_modules())
+        for key in lora:
+            module_name = key.rsplit(".lora_", 1)[0]
+            if not isinstance(modules.get(module_name), torch.nn.Linear):
+                raise KeyError(f"{path}: LoRA factor {key} names no linear layer of this model")
+            a, b = lora[f"{module_name}.lora_A.weight"], lora[f"{module_name}.lora_B.weight"]
+            weight = modules[module_name].weight
+            if (b.shape[0], a.shape[1]) != tuple(weight.shape):
+                raise ValueError(f"{module_name}: LoRA shapes {tuple(b.shape)}·{tuple(a.shape)} do not fit {tuple(weight.shape)}")
+            deltas[module_name] = scale * (b @ a)
+    model.load_state_dict(memory, strict=False)
+    for module_name, delta in deltas.items():
+        weight = modules[module_name].weight
+        weight.copy_((weight.float() + delta).to(weight.dtype))
+    return metadata
+
+
+__all__ = ["FORMAT", "apply_trained_weights", "read_metadata", "save_trained_weights"]
