@@ -15,6 +15,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from .atomic import atomic_file
 from .smollm2 import cache_root, smollm2_path
 
 DEFAULT_MEMORY = dict(chunk_size=256, global_mem_size=8, temp_beacon_stride=16, temp_mem_budget=64)
@@ -47,7 +48,8 @@ def comet_default_path(force: bool = False) -> Path:
     trained = fingerprint["memory_weights_sha256"] is not None
     kwargs = dict(memory_weights=MEMORY_WEIGHTS, training_note=TRAINED_NOTE) if trained else {}
     convert(smollm2_path(), target, **kwargs, **DEFAULT_MEMORY)
-    (target / STAMP).write_text(json.dumps(fingerprint))
+    with atomic_file(target / STAMP) as tmp:
+        tmp.write_text(json.dumps(fingerprint))
     return target
 
 
@@ -58,4 +60,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from evaluation.common import run_cli
+
+    run_cli(main)

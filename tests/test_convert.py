@@ -1,6 +1,7 @@
 """Conversion of a base checkpoint folder into a CoMeT folder."""
 
 import json
+import socket
 
 import pytest
 import torch
@@ -79,3 +80,151 @@ def test_memory_weights_round_trip_and_mismatch(base_folder, tmp_path):
         load_memory_weights(other, path)
     with pytest.raises(FileNotFoundError):
         load_memory_weights(other, tmp_path / "absent.safetensors")
+
+
+# ------------------------------------------------------------------ safe writing (convert.atomic)
+MEMORY = dict(chunk_size=16, global_mem_size=4, temp_beacon_stride=4, temp_mem_budget=8)
+
+
+def test_convert_replaces_its_own_checkpoint_and_leaves_no_siblings(base_folder, tmp_path):
+    out = convert(base_folder, tmp_path / "comet", **MEMORY)
+    (out / "stale-shard.safetensors").write_bytes(b"x")  # a file of the old checkpoint
+    convert(base_folder, out, **{**MEMORY, "chunk_size": 8})
+    assert json.loads((out / "config.json").read_text())["chunk_size"] == 8
+    assert not (out / "stale-shard.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "comet"]
+    assert not (out / ".comet-atomic-write.json").exists()
+    assert oct(out.stat().st_mode & 0o777) != oct(0o700)  # not mkdtemp's owner-only mode
+
+
+def test_convert_refuses_a_user_folder_before_loading_and_keeps_it(base_folder, tmp_path, monkeypatch):
+    import convert.to_comet as to_comet
+
+    user = tmp_path / "notes"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    monkeypatch.setattr(to_comet, "load_base", lambda *a, **k: pytest.fail("loaded the base before checking"))
+    with pytest.raises(FileExistsError, match="not a checkpoint this tool wrote.*--overwrite"):
+        convert(base_folder, user, **MEMORY)
+    assert (user / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "notes"]
+
+
+def test_convert_overwrite_replaces_a_user_folder(base_folder, tmp_path):
+    user = tmp_path / "notes"
+    user.mkdir()
+    (user / "old.txt").write_text("replace me")
+    convert(base_folder, user, overwrite=True, **MEMORY)
+    assert (user / "config.json").is_file() and not (user / "old.txt").exists()
+
+
+def test_convert_never_replaces_the_source_or_the_working_directory(base_folder, tmp_path, monkeypatch):
+    for target in (tmp_path, base_folder):  # the base's parent folder, the base itself
+        with pytest.raises(FileExistsError, match="contains the source"):
+            convert(base_folder, target, overwrite=True, **MEMORY)
+    monkeypatch.chdir(tmp_path / "base")
+    with pytest.raises(FileExistsError, match="current working directory"):
+        convert(base_folder, ".", overwrite=True, **MEMORY)
+    assert (base_folder / "config.json").is_file() and (base_folder / "model.safetensors").is_file()
+
+
+def test_atomic_directory_removes_its_temporary_folder_on_error(tmp_path):
+    from convert.atomic import atomic_directory
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_recover_removes_only_marked_stale_folders(tmp_path):
+    from convert.atomic import MARKER, atomic_directory
+
+    dead = subprocess_pid_that_exited()
+    stale = tmp_path / "out.tmp-abc123"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1024)
+    (stale / MARKER).write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "target": "out", "role": "new"}))
+    empty = tmp_path / "out.tmp-empty"
+    empty.mkdir()
+    user = tmp_path / "out.tmp-mine"  # same name pattern, but not ours: kept
+    user.mkdir()
+    (user / "keep.txt").write_text("mine")
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.tmp-mine"]
+    assert (user / "keep.txt").read_text() == "mine"
+
+
+def subprocess_pid_that_exited() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+import convert.atomic as atomic
+
+target, kill_at = Path(sys.argv[1]), int(sys.argv[2])
+calls = {"n": 0}
+real_replace = os.replace
+
+def replace_then_maybe_die(src, dst):
+    calls["n"] += 1
+    if calls["n"] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+    if calls["n"] == -kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+atomic.os.replace = replace_then_maybe_die
+real_rmtree = atomic.shutil.rmtree
+def rmtree_then_die(path, *args, **kwargs):
+    real_rmtree(path, *args, **kwargs)
+    if kill_at == 99:
+        os.kill(os.getpid(), signal.SIGKILL)
+atomic.shutil.rmtree = rmtree_then_die
+
+with atomic.atomic_directory(target, overwrite=True) as tmp:
+    (tmp / "config.json").write_text('{"model_type": "comet", "version": "new"}')
+    (tmp / "model.safetensors").write_bytes(b"n" * 4096)
+    (tmp / "sub").mkdir()
+    (tmp / "sub" / "x").write_text("x")
+print("finished")
+"""
+
+
+@pytest.mark.parametrize("kill_at", [1, -1, 2, -2, 99])
+def test_a_kill_at_any_moment_leaves_the_old_or_the_new_folder(tmp_path, kill_at):
+    """SIGKILL before/after each rename and in the middle of deleting the old folder: old or new survives."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from convert.atomic import recover
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "config.json").write_text('{"model_type": "comet", "version": "old"}')
+    (target / "model.safetensors").write_bytes(b"o" * 4096)
+    (target / "sub").mkdir()  # the old folder has a subfolder, so removing it takes several steps
+    (target / "sub" / "x").write_text("x")
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(script), str(target), str(kill_at)], cwd=repo, capture_output=True,
+                          text=True, env={**__import__("os").environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == -9, done.stderr  # it really was killed
+    recover(target)  # what the next run does first
+    version = json.loads((target / "config.json").read_text())["version"]
+    assert version in ("old", "new")
+    assert (target / "model.safetensors").read_bytes() == (version[0].encode() * 4096)
+    assert (target / "sub" / "x").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killer.py", "out"]
+    assert not (target / ".comet-atomic-write.json").exists()
