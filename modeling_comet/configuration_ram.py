@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+from .requirements import MIN_TRANSFORMERS_VERSION  # noqa: F401  (importing it checks the installed transformers)
+
+# isort: split
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .configuration_comet import check_supported_base
+from .pipeline_ram import RAM_TASK, RamQuestionAnsweringPipeline
 from .position_layout import POSITION_LAYOUTS
+
+# What a saved RAM config declares so that `pipeline(RAM_TASK, model=repo_id, trust_remote_code=True)` finds the
+# pipeline class in the checkpoint's own `pipeline_ram.py` (shipped with the model files).
+RAM_CUSTOM_PIPELINES = {
+    RAM_TASK: {
+        "impl": f"pipeline_ram.{RamQuestionAnsweringPipeline.__name__}",
+        "pt": ["AutoModelForCausalLM"],
+        "tf": [],
+        "type": "text",
+    }
+}
 
 
 @strict
@@ -57,6 +73,8 @@ class RamConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
+        if not getattr(self, "custom_pipelines", None):
+            self.custom_pipelines = RAM_CUSTOM_PIPELINES
         self.check_ram_fields()
 
     def check_ram_fields(self):
@@ -85,4 +103,4 @@ class RamConfig(PreTrainedConfig):
 
 RamConfig.register_for_auto_class()
 
-__all__ = ["RamConfig"]
+__all__ = ["RAM_CUSTOM_PIPELINES", "RamConfig"]

@@ -19,16 +19,21 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from .requirements import MIN_TRANSFORMERS_VERSION  # noqa: F401  (importing it checks the installed transformers)
+
+# isort: split
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_ram import RamConfig
+from .pipeline_ram import RamQuestionAnsweringPipeline  # noqa: F401  (makes save_pretrained ship the pipeline file)
 from .position_layout import LayoutPiece, sequence_position_ids
 
 
@@ -106,10 +111,23 @@ def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class RamPreTrainedModel(PreTrainedModel):
+    """RAM's weights and its compression (encoder, selection, skimming), shared by [`RamModel`] and
+    [`RamForCausalLM`]. Both hold the base causal LM as `decoder`, the copy of its first layers as `encoder_layers`
+    and the `alignment`, so each loads the other's checkpoint.
+
+    `base_model_prefix` is `"decoder"`: the base model is the backbone that reads the compressed input, and every base
+    weight lives under it (`decoder.model.layers.0...`). `_no_split_modules` is the base's decoder-layer class (the
+    encoder layers are the same class), and activation checkpointing covers the encoder layers as well as the
+    decoder's.
+    """
+
     config_class = RamConfig
-    base_model_prefix = "ram"
+    base_model_prefix = "decoder"
     main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _tied_weights_keys = {"decoder.lm_head.weight": "decoder.model.embed_tokens.weight"}
+
 
     def _init_weights(self, module):
         # The alignment starts as the identity: encoder states of a copied backbone already live in the
@@ -120,27 +138,16 @@ class RamPreTrainedModel(PreTrainedModel):
         else:
             super()._init_weights(module)
 
-
-class RamForCausalLM(RamPreTrainedModel, GenerationMixin):
-    """A base causal LM (`decoder`) reading contexts compressed by a RAM encoder (`encoder_layers` + `alignment`).
-
-    Two ways in:
-
-    * `forward(context_ids=..., question_ids=..., answer_ids=...)` compresses the context and runs the decoder;
-      with `answer_ids` it returns the training loss `NLL(answer) + contrastive_weight * L_con` (the contrastive
-      term needs `segment_labels`).
-    * `forward(input_ids=... / inputs_embeds=...)` is the plain decoder, which is what `GenerationMixin` calls.
-
-    `generate(context_ids=..., question_ids=..., **generation_kwargs)` answers a question over a long context and
-    returns only the new tokens.
-    """
-
-    _tied_weights_keys = {"decoder.lm_head.weight": "decoder.model.embed_tokens.weight"}
-
     def __init__(self, config: RamConfig):
         super().__init__(config)
+        # Either class loads any RAM checkpoint, so a saved config maps both (saving adds only its own class).
+        auto_map = dict(getattr(config, "auto_map", None) or {})
+        for auto_class, model_class in (("AutoModel", "RamModel"), ("AutoModelForCausalLM", "RamForCausalLM")):
+            auto_map.setdefault(auto_class, f"{__name__.rsplit('.', 1)[-1]}.{model_class}")
+        config.auto_map = auto_map
         self.decoder = AutoModelForCausalLM.from_config(config.base_config)
         decoder_layer_class = type(self.decoder.base_model.layers[0])
+        self._no_split_modules = [decoder_layer_class.__name__]
         self.encoder_layers = nn.ModuleList(
             decoder_layer_class(self.decoder.config, layer_idx) for layer_idx in range(config.encoder_layers)
         )
@@ -149,7 +156,7 @@ class RamForCausalLM(RamPreTrainedModel, GenerationMixin):
         self.post_init()
 
     @classmethod
-    def from_base(cls, base_model_or_path, dtype=torch.float32, **ram_fields) -> RamForCausalLM:
+    def from_base(cls, base_model_or_path, dtype=torch.float32, **ram_fields):
         """Build RAM on a pretrained base: the decoder gets its weights, the encoder a copy of its first layers.
 
         Args:
@@ -175,12 +182,6 @@ class RamForCausalLM(RamPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value):
         self.decoder.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.decoder.get_output_embeddings()
-
-    def set_output_embeddings(self, new_embeddings):
-        self.decoder.set_output_embeddings(new_embeddings)
 
     # ----- encoder -----------------------------------------------------------------------------------------------
 
@@ -300,12 +301,105 @@ class RamForCausalLM(RamPreTrainedModel, GenerationMixin):
             kept_segments=kept,
         )
 
+    def _contrastive_loss(self, compression: RamCompression, segment_labels: torch.Tensor | None):
+        """`L_con` of a compressed batch against `segment_labels` (1 = relevant), or `None` without labels."""
+        if segment_labels is None:
+            return None
+        positives = segment_labels.to(compression.segment_mask.device)[:, : compression.segment_mask.shape[1]] == 1
+        return multi_positive_contrastive_loss(
+            compression.relevance_scores, positives, compression.segment_mask, self.config.contrastive_temperature
+        )
+
     def skim(self, segment_states: torch.Tensor, segment_mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """One summary vector for a segment: ``align(sum_t softmax_t(cos(h_t, r_q)) h_t)``, shape (1, d_dec)."""
         similarity = F.cosine_similarity(segment_states, query.unsqueeze(0), dim=-1)  # (T,)
         weights = similarity.masked_fill(segment_mask == 0, float("-inf")).softmax(-1)
         summary = weights @ segment_states  # (d,)
         return self.alignment(summary).unsqueeze(0)
+
+
+@dataclass
+class RamModelOutput(BaseModelOutputWithPast):
+    """[`BaseModelOutputWithPast`] of the decoder's backbone over the compressed input, plus RAM's selection.
+
+    Args:
+        contrastive_loss (`torch.FloatTensor`, *optional*): multi-positive contrastive loss over segment scores.
+        relevance_scores (`torch.FloatTensor` of shape `(batch, max_segments)`, *optional*): cosine scores.
+        segment_mask (`torch.BoolTensor` of shape `(batch, max_segments)`, *optional*): real segments.
+        kept_segments (`torch.BoolTensor` of shape `(batch, max_segments)`, *optional*): segments kept as tokens.
+        attention_mask (`torch.LongTensor` of shape `(batch, length)`, *optional*): 1 on the real positions of
+            `last_hidden_state` (the compressed input is left-padded).
+    """
+
+    contrastive_loss: torch.Tensor | None = None
+    relevance_scores: torch.Tensor | None = None
+    segment_mask: torch.Tensor | None = None
+    kept_segments: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+
+
+class RamModel(RamPreTrainedModel):
+    """RAM without the language-model head (what `AutoModel` loads): compress the context, then return the decoder
+    backbone's hidden states over `[segments (kept or skimmed)][question]`, e.g. to embed a question read against a
+    long context. It loads a [`RamForCausalLM`] checkpoint as is (the unused head weight, if untied, is skipped).
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.lm_head\."]
+
+    def forward(
+        self,
+        context_ids: torch.LongTensor,
+        question_ids: torch.LongTensor,
+        context_attention_mask: torch.Tensor | None = None,
+        question_attention_mask: torch.Tensor | None = None,
+        segment_labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> RamModelOutput:
+        r"""
+        context_ids (`torch.LongTensor` of shape `(batch, context_length)`): long context to compress.
+        question_ids (`torch.LongTensor` of shape `(batch, question_length)`): question (also the encoder's query).
+        segment_labels (`torch.Tensor` of shape `(batch, max_segments)`, *optional*):
+            1 for relevant segments; enables `contrastive_loss`.
+        """
+        compression = self.compress(context_ids, question_ids, context_attention_mask, question_attention_mask)
+        outputs = self.decoder.base_model(
+            inputs_embeds=compression.inputs_embeds,
+            attention_mask=compression.attention_mask,
+            position_ids=compression.position_ids,
+            **kwargs,
+        )
+        return RamModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=getattr(outputs, "cache", None),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            contrastive_loss=self._contrastive_loss(compression, segment_labels),
+            relevance_scores=compression.relevance_scores,
+            segment_mask=compression.segment_mask,
+            kept_segments=compression.kept_segments,
+            attention_mask=compression.attention_mask,
+        )
+
+
+class RamForCausalLM(RamPreTrainedModel, GenerationMixin):
+    """A base causal LM (`decoder`) reading contexts compressed by a RAM encoder (`encoder_layers` + `alignment`).
+
+    Two ways in:
+
+    * `forward(context_ids=..., question_ids=..., answer_ids=...)` compresses the context and runs the decoder;
+      with `answer_ids` it returns the training loss `NLL(answer) + contrastive_weight * L_con` (the contrastive
+      term needs `segment_labels`).
+    * `forward(input_ids=... / inputs_embeds=...)` is the plain decoder, which is what `GenerationMixin` calls.
+
+    `generate(context_ids=..., question_ids=..., **generation_kwargs)` answers a question over a long context and
+    returns only the new tokens.
+    """
+
+    def get_output_embeddings(self):
+        return self.decoder.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings):
+        self.decoder.set_output_embeddings(new_embeddings)
 
     # ----- decoder -----------------------------------------------------------------------------------------------
 
@@ -366,12 +460,7 @@ class RamForCausalLM(RamPreTrainedModel, GenerationMixin):
         compression = self.compress(
             context_ids, question_ids, context_attention_mask, question_attention_mask, answer_ids, answer_attention_mask
         )
-        contrastive_loss = None
-        if segment_labels is not None:
-            positives = segment_labels.to(compression.segment_mask.device)[:, : compression.segment_mask.shape[1]] == 1
-            contrastive_loss = multi_positive_contrastive_loss(
-                compression.relevance_scores, positives, compression.segment_mask, self.config.contrastive_temperature
-            )
+        contrastive_loss = self._contrastive_loss(compression, segment_labels)
         if relevance_only:
             return RamCausalLMOutput(
                 loss=None if contrastive_loss is None else self.config.contrastive_weight * contrastive_loss,
@@ -435,6 +524,7 @@ class RamForCausalLM(RamPreTrainedModel, GenerationMixin):
         )
 
 
+RamModel.register_for_auto_class("AutoModel")
 RamForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
@@ -464,4 +554,12 @@ def _left_pad(sequences, with_labels: bool):
     return inputs_embeds, attention_mask, position_ids, labels
 
 
-__all__ = ["RamCausalLMOutput", "RamCompression", "RamForCausalLM", "RamPreTrainedModel", "multi_positive_contrastive_loss"]
+__all__ = [
+    "RamCausalLMOutput",
+    "RamCompression",
+    "RamForCausalLM",
+    "RamModel",
+    "RamModelOutput",
+    "RamPreTrainedModel",
+    "multi_positive_contrastive_loss",
+]

@@ -69,6 +69,10 @@ class RamQuestionAnsweringPipeline(Pipeline):
         return [{"answer": text.strip()} for text in texts]
 
 
-PIPELINE_REGISTRY.register_pipeline(RAM_TASK, pipeline_class=RamQuestionAnsweringPipeline, pt_model=AutoModelForCausalLM)
+# A checkpoint's copy of this file is imported again (as remote code) next to the installed package: register once.
+if RAM_TASK not in PIPELINE_REGISTRY.get_supported_tasks():
+    PIPELINE_REGISTRY.register_pipeline(
+        RAM_TASK, pipeline_class=RamQuestionAnsweringPipeline, pt_model=AutoModelForCausalLM
+    )
 
 __all__ = ["DEFAULT_QUESTION_TEMPLATE", "RAM_TASK", "RamQuestionAnsweringPipeline"]

@@ -184,6 +184,7 @@ def test_save_and_reload_as_remote_code_in_fresh_process(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_ram.RamConfig",
+        "AutoModel": "modeling_ram.RamModel",
         "AutoModelForCausalLM": "modeling_ram.RamForCausalLM",
     }
     context, question = torch.randint(3, VOCAB, (1, 16)), torch.randint(3, VOCAB, (1, 3))
