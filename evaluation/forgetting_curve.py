@@ -8,18 +8,33 @@ greedy argmax, on the last ceil(L/2) tokens of its second occurrence in
 
 The fine-grained memory length is the longest L up to which copy accuracy stays >= a threshold; the
 coarse-grained one is the longest L up to which copy accuracy is significantly above LM accuracy
-(one-sided paired t-test). BOS is the model's own. CoMeT is scored through its own chunked forward.
+(paired t-test). BOS and EOS are the model's own. CoMeT is scored through its own chunked forward.
+
+Two protocols (``--protocol``):
+
+- ``default``: documents tokenised without special tokens and concatenated (cut after 100k tokens or 8
+  spans of the longest length); X and an R disjoint from it drawn with numpy's generator over [0, N-L];
+  no EOS; sample std; one-sided test (copy > LM); geometric grid with rounding.
+- ``paper``: the authors' ``draw.py`` exactly: every document + ``"\\n"`` tokenised on its own (with the
+  tokenizer's usual special tokens) into one stream of N tokens; R the fixed last L tokens of that stream;
+  ``[BOS] R [BOS] X [EOS]`` and ``[BOS] X [BOS] X [EOS]``; after ``random.seed(seed)`` and
+  ``torch.manual_seed(seed)`` each X starts at ``random.randint(0, N - 3L)``; population std (``np.std``);
+  two-sided paired t-test (p = 1 when undefined); grid ``np.linspace(8, max, n, dtype=int)`` or
+  ``np.unique(np.geomspace(8, max, n, dtype=int))``.
 
 Usage::
 
     python -m evaluation.forgetting_curve --model smollm2 --max-length 4095 --output-dir results/forgetting_curve/smollm2
+    python -m evaluation.forgetting_curve --protocol paper --model smollm2 --max-length 4094 --output-dir out
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import random
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +58,8 @@ from .common import (
 )
 
 MIN_LENGTH = 8
+PROTOCOLS = ("default", "paper")
+PAPER_MIN_LENGTH = 8  # draw.py starts every grid at 8
 
 
 # ----------------------------------------------------------------------------------------------- corpus
@@ -59,8 +76,15 @@ def load_corpus_texts(
     split: str = "train",
     text_field: str = "text",
     text_files: list[str] | None = None,
+    title_field: str | None = None,
 ) -> list[str]:
-    """Documents from local text files, a ``datasets`` source (Hub name or local data file), or the default."""
+    """Documents from local text files, a ``datasets`` source (Hub name or local data file), or the default.
+
+    With ``title_field`` each dataset row gives two documents, its title then its text (as the authors'
+    ``draw.py`` reads PG-19: ``short_book_title`` then ``text``).
+    """
+    if title_field and not dataset:
+        raise ValueError("--title-field applies to --dataset only.")
     if dataset and text_files:
         raise ValueError("Give either --dataset or --text-files, not both.")
     if text_files:
@@ -81,8 +105,12 @@ def load_corpus_texts(
             data = datasets.load_dataset(builder, data_files=str(local), split="train")
         else:
             data = datasets.load_dataset(dataset, dataset_config, split=split)
-        if text_field not in data.column_names:
-            raise ValueError(f"Dataset has no field {text_field!r}; its fields are {data.column_names}.")
+        for field in (text_field, title_field):
+            if field and field not in data.column_names:
+                raise ValueError(f"Dataset has no field {field!r}; its fields are {data.column_names}.")
+        if title_field:
+            pairs = zip(data[title_field], data[text_field], strict=True)
+            return [piece for title, text in pairs for piece in (title or "", text or "")]
         return [text for text in data[text_field] if text]
     return default_corpus_texts()
 
@@ -99,6 +127,17 @@ def tokenize_corpus(tokenizer: Any, texts: list[str], max_tokens: int | None = N
     if not pieces:
         raise ValueError("The corpus is empty.")
     return torch.cat(pieces)
+
+
+def paper_corpus(tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    """The authors' stream: each document + ``"\\n"`` tokenised on its own, special tokens as the tokenizer adds
+    them by default (``tokenizer(text)["input_ids"]`` in ``draw.py``), all concatenated, nothing cut."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text + "\n")["input_ids"])
+    if not ids:
+        raise ValueError("The corpus is empty.")
+    return torch.tensor(ids, dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------------------------- grid
@@ -122,20 +161,39 @@ def length_grid(max_length: int, num_points: int = 32, scale: str = "log", min_l
     return sorted({int(round(point)) for point in points})
 
 
+def paper_length_grid(max_length: int, num_points: int = 32, scale: str = "linear") -> list[int]:
+    """The authors' grid: ``np.linspace(8, max, n, dtype=int)`` (truncated, duplicates kept) for ``linear``,
+    ``np.unique(np.geomspace(8, max, n, dtype=int))`` for ``log``."""
+    if max_length < PAPER_MIN_LENGTH:
+        raise ValueError(f"The maximum length must be at least {PAPER_MIN_LENGTH}, got {max_length}.")
+    if num_points < 1:
+        raise ValueError(f"Need at least one grid point, got {num_points}.")
+    if scale == "linear":
+        points = np.linspace(PAPER_MIN_LENGTH, max_length, num=num_points, dtype=int)
+    elif scale == "log":
+        points = np.unique(np.geomspace(PAPER_MIN_LENGTH, max_length, num=num_points, dtype=int))
+    else:
+        raise ValueError(f"Unknown grid scale {scale!r}; use 'linear' or 'log'.")
+    return [int(point) for point in points]
+
+
 # ----------------------------------------------------------------------------------------------- scoring
 def scored_count(length: int) -> int:
     """Number of scored tokens for copy distance ``length``: the last ceil(L/2) of the second span."""
     return math.ceil(length / 2)
 
 
-def second_half_accuracy(model: torch.nn.Module, input_ids: torch.Tensor, length: int) -> float:
-    """Greedy accuracy on the last ceil(L/2) tokens of ``input_ids`` (1, T) in one teacher-forced pass.
+def second_half_accuracy(model: torch.nn.Module, input_ids: torch.Tensor, length: int, trailing: int = 0) -> float:
+    """Greedy accuracy on the last ceil(L/2) tokens of the second span in one teacher-forced pass.
 
-    Logits at position t predict token t+1, so the last h targets need the h logits before the last one.
+    ``input_ids`` (1, T) ends with the second span followed by ``trailing`` tokens that are not scored (the
+    paper protocol's EOS). Logits at position t predict token t+1, so the h targets ending ``trailing``
+    tokens before the end need the h logits just before them.
     """
     scored = scored_count(length)
-    logits = last_logits(model, input_ids, scored + 1)[:, :-1]  # (1, h, V)
-    targets = input_ids[:, -scored:]  # (1, h)
+    end = input_ids.shape[1] - trailing
+    logits = last_logits(model, input_ids, scored + 1 + trailing)[:, :scored]  # (1, h, V)
+    targets = input_ids[:, end - scored : end]  # (1, h)
     return (logits.argmax(-1) == targets).float().mean().item()
 
 
@@ -169,6 +227,32 @@ def copy_and_lm_inputs(bos_id: int, span: torch.Tensor, unrelated: torch.Tensor)
     return copy_ids.unsqueeze(0), lm_ids.unsqueeze(0)
 
 
+def paper_span_starts(num_tokens: int, lengths: list[int], samples: int, seed: int) -> list[list[int]]:
+    """Starts of X as ``draw.py`` draws them: after ``random.seed(seed)``, ``random.randint(0, N - 3L)`` per
+    sample, length after length. A private ``random.Random(seed)`` gives the same sequence without touching
+    the global generator."""
+    too_long = [length for length in lengths if 3 * length > num_tokens]
+    if too_long:
+        raise ValueError(
+            f"The corpus has {num_tokens} tokens; the paper protocol draws X from the first N - 2L tokens and "
+            f"needs N >= 3L, so L = {too_long[0]} needs {3 * too_long[0]} tokens. Use a larger corpus or a "
+            f"smaller --max-length (at most {num_tokens // 3})."
+        )
+    generator = random.Random(seed)
+    return [[generator.randint(0, num_tokens - 3 * length) for _ in range(samples)] for length in lengths]
+
+
+def paper_inputs(
+    bos_id: int, eos_id: int, span: torch.Tensor, unrelated: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[BOS] X [BOS] X [EOS]`` and ``[BOS] R [BOS] X [EOS]`` as (1, 2L+3) tensors."""
+    bos = torch.tensor([bos_id], dtype=torch.long)
+    eos = torch.tensor([eos_id], dtype=torch.long)
+    copy_ids = torch.cat([bos, span, bos, span, eos])
+    lm_ids = torch.cat([bos, unrelated, bos, span, eos])
+    return copy_ids.unsqueeze(0), lm_ids.unsqueeze(0)
+
+
 def measure(
     model: torch.nn.Module,
     corpus: torch.Tensor,
@@ -178,40 +262,72 @@ def measure(
     seed: int = 0,
     progress: bool = True,
     on_length: Callable[[list[int], dict[str, list[list[float]]]], None] | None = None,
+    protocol: str = "default",
+    eos_id: int | None = None,
 ) -> dict[str, list[list[float]]]:
-    """Copy and LM accuracies, ``samples`` per length, with the same spans for both (a paired design).
+    """Copy and LM accuracies, ``samples`` per length, with the same X for both (a paired design).
 
-    ``on_length`` is called with the lengths done so far and their accuracies (to save partial results).
+    Returns ``{"copy", "lm", "x_start", "r_start"}``, one row per length: the accuracies and where X and R
+    start in ``corpus``. ``protocol="paper"`` needs ``eos_id``. ``on_length`` is called with the lengths done
+    so far and their rows (to save partial results).
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"Unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}.")
     if samples < 1:
         raise ValueError(f"Need at least one sample per length, got {samples}.")
-    generator = np.random.default_rng(seed)
+    if protocol == "paper":
+        if eos_id is None:
+            raise ValueError("The paper protocol ends every input with EOS; pass eos_id.")
+        torch.manual_seed(seed)  # as draw.py does; scoring itself draws nothing
+        paper_starts = paper_span_starts(len(corpus), lengths, samples, seed)
+    else:
+        generator = np.random.default_rng(seed)
     device = model_device(model)
-    copy_acc, lm_acc = [], []
-    bar = tqdm(total=len(lengths) * samples, desc="forgetting curve", disable=not progress)
-    for length in lengths:
-        copy_row, lm_row = [], []
-        for _ in range(samples):
-            copy_start, other_start = sample_spans(len(corpus), length, generator)
-            copy_ids, lm_ids = copy_and_lm_inputs(
-                bos_id, corpus[copy_start : copy_start + length], corpus[other_start : other_start + length]
-            )
-            copy_row.append(second_half_accuracy(model, copy_ids.to(device), length))
-            lm_row.append(second_half_accuracy(model, lm_ids.to(device), length))
+    rows: dict[str, list[list]] = {"copy": [], "lm": [], "x_start": [], "r_start": []}
+    bar = tqdm(total=len(lengths) * samples, desc=f"forgetting curve ({protocol})", disable=not progress)
+    for index, length in enumerate(lengths):
+        copy_row, lm_row, x_row, r_row = [], [], [], []
+        for sample in range(samples):
+            if protocol == "paper":
+                x_start, r_start = paper_starts[index][sample], len(corpus) - length
+                copy_ids, lm_ids = paper_inputs(
+                    bos_id, eos_id, corpus[x_start : x_start + length], corpus[r_start : r_start + length]
+                )
+                trailing = 1
+            else:
+                x_start, r_start = sample_spans(len(corpus), length, generator)
+                copy_ids, lm_ids = copy_and_lm_inputs(
+                    bos_id, corpus[x_start : x_start + length], corpus[r_start : r_start + length]
+                )
+                trailing = 0
+            copy_row.append(second_half_accuracy(model, copy_ids.to(device), length, trailing))
+            lm_row.append(second_half_accuracy(model, lm_ids.to(device), length, trailing))
+            x_row.append(x_start)
+            r_row.append(r_start)
             bar.update(1)
             bar.set_postfix(L=length, copy=f"{np.mean(copy_row):.3f}", lm=f"{np.mean(lm_row):.3f}")
-        copy_acc.append(copy_row)
-        lm_acc.append(lm_row)
+        for key, row in zip(rows, (copy_row, lm_row, x_row, r_row), strict=True):
+            rows[key].append(row)
         if on_length is not None:
-            on_length(lengths[: len(copy_acc)], {"copy": copy_acc, "lm": lm_acc})
+            on_length(lengths[: len(rows["copy"])], rows)
     bar.close()
-    return {"copy": copy_acc, "lm": lm_acc}
+    return rows
 
 
-def paired_p_value(copy_row: list[float], lm_row: list[float]) -> float:
-    """One-sided paired t-test p-value for copy > LM; exact 0/1 when the differences do not vary."""
+def paired_p_value(copy_row: list[float], lm_row: list[float], protocol: str = "default") -> float:
+    """Paired t-test p-value of copy against LM accuracy.
+
+    ``default``: one-sided (copy > LM); exact 0/1 when the differences do not vary (0 for a constant positive
+    gap). ``paper``: two-sided, ``scipy.stats.ttest_rel(lm, copy)`` as ``draw.py`` calls it, 1 when undefined
+    (NaN: a single sample, or no difference at all).
+    """
     from scipy import stats
 
+    if protocol == "paper":
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p_value = float(stats.ttest_rel(lm_row, copy_row).pvalue)
+        return 1.0 if math.isnan(p_value) else p_value
     differences = np.asarray(copy_row) - np.asarray(lm_row)
     if len(differences) < 2 or np.allclose(differences, differences[0]):
         # No spread: the test is undefined. A constant positive gap is certain, anything else is not.
@@ -234,11 +350,20 @@ def summarise(
     accuracies: dict[str, list[list[float]]],
     copy_threshold: float = 0.99,
     alpha: float = 0.05,
+    protocol: str = "default",
 ) -> dict[str, Any]:
-    """Mean ± std per length, paired p-values, and the fine- and coarse-grained memory lengths."""
+    """Mean ± std per length, paired p-values, and the fine- and coarse-grained memory lengths.
+
+    ``default``: sample std (ddof 1; 0 for one sample) and the one-sided test; ``paper``: population std
+    (``np.std``) and the two-sided test. Span starts in ``accuracies`` (``x_start``, ``r_start``) are copied
+    into the rows.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"Unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}.")
+    starts = [key for key in ("x_start", "r_start") if key in accuracies]
     rows = []
-    for length, copy_row, lm_row in zip(lengths, accuracies["copy"], accuracies["lm"], strict=True):
-        ddof = 1 if len(copy_row) > 1 else 0
+    for index, (length, copy_row, lm_row) in enumerate(zip(lengths, accuracies["copy"], accuracies["lm"], strict=True)):
+        ddof = 1 if protocol == "default" and len(copy_row) > 1 else 0
         rows.append(
             {
                 "length": length,
@@ -247,9 +372,10 @@ def summarise(
                 "copy_std": float(np.std(copy_row, ddof=ddof)),
                 "lm_mean": float(np.mean(lm_row)),
                 "lm_std": float(np.std(lm_row, ddof=ddof)),
-                "p_value": paired_p_value(copy_row, lm_row),
+                "p_value": paired_p_value(copy_row, lm_row, protocol),
                 "copy": [float(value) for value in copy_row],
                 "lm": [float(value) for value in lm_row],
+                **{key: [int(value) for value in accuracies[key][index]] for key in starts},
             }
         )
     fine = longest_prefix_length(lengths, [row["copy_mean"] >= copy_threshold for row in rows])
@@ -257,6 +383,9 @@ def summarise(
         lengths, [row["p_value"] < alpha and row["copy_mean"] > row["lm_mean"] for row in rows]
     )
     return {
+        "protocol": protocol,
+        "std": "population (ddof 0)" if protocol == "paper" else "sample (ddof 1)",
+        "t_test": "paired, two-sided" if protocol == "paper" else "paired, one-sided (copy > LM)",
         "copy_threshold": copy_threshold,
         "alpha": alpha,
         "fine_memory_length": fine,
@@ -306,10 +435,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="local folder, Hub repo id, 'smollm2' or 'smollm2-comet'")
     add_model_arguments(parser)
     parser.add_argument("--output-dir", required=True, help="folder for forgetting_curve.json and .png")
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="default",
+        help="'paper': the authors' draw.py exactly (corpus stream, fixed R, EOS, random.randint spans, population "
+        "std, two-sided test); 'default': disjoint random R, no EOS, sample std, one-sided test",
+    )
     parser.add_argument("--max-length", type=int, required=True, help=f"largest copy distance L (>= {MIN_LENGTH})")
-    parser.add_argument("--min-length", type=int, default=MIN_LENGTH, help="smallest copy distance L")
-    parser.add_argument("--num-points", type=int, default=32, help="grid points (duplicates after rounding merge)")
-    parser.add_argument("--grid", choices=["log", "linear"], default="log", help="geomspace or linspace grid")
+    parser.add_argument(
+        "--min-length",
+        type=int,
+        default=None,
+        help=f"smallest copy distance L (default {MIN_LENGTH}; the paper's is fixed)",
+    )
+    parser.add_argument(
+        "--num-points",
+        type=int,
+        default=32,
+        help="grid points (rounding may merge some; the paper's linear grid keeps duplicates)",
+    )
+    parser.add_argument(
+        "--grid",
+        choices=["log", "linear"],
+        default=None,
+        help="geomspace or linspace grid (default: log; paper: linear)",
+    )
     parser.add_argument("--samples", type=int, default=10, help="random spans per length")
     parser.add_argument("--copy-threshold", type=float, default=0.99, help="copy accuracy for the fine memory length")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level for the coarse memory length")
@@ -322,14 +473,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--allow-beyond-max-positions",
         action="store_true",
-        help="score inputs (2L+2 tokens) longer than the model's max_position_embeddings",
+        help="score inputs (2L+2 tokens, paper: 2L+3) longer than the model's max_position_embeddings",
     )
     parser.add_argument("--bos-token-id", type=int, default=None, help="override the model's own BOS id")
+    parser.add_argument(
+        "--eos-token-id", type=int, default=None, help="override the model's own EOS id (paper protocol)"
+    )
     corpus = parser.add_argument_group("corpus (default: the standard library's pydoc_data.topics)")
     corpus.add_argument("--dataset", default=None, help="datasets Hub name or local data file")
     corpus.add_argument("--dataset-config", default=None, help="datasets configuration name")
     corpus.add_argument("--split", default="train", help="datasets split")
     corpus.add_argument("--text-field", default="text", help="field holding the text")
+    corpus.add_argument(
+        "--title-field", default=None, help="field read as a document before each row's text (PG-19: short_book_title)"
+    )
     corpus.add_argument("--text-files", nargs="+", default=None, help="local UTF-8 text files")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -341,23 +498,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"--copy-threshold must be in (0, 1], got {args.copy_threshold}.")
     if not 0 < args.alpha < 1:
         raise ValueError(f"--alpha must be in (0, 1), got {args.alpha}.")
-    lengths = length_grid(args.max_length, args.num_points, args.grid, args.min_length)
-    texts = load_corpus_texts(args.dataset, args.dataset_config, args.split, args.text_field, args.text_files)
+    paper = args.protocol == "paper"
+    grid = args.grid or ("linear" if paper else "log")
+    if paper:
+        if args.min_length not in (None, PAPER_MIN_LENGTH):
+            raise ValueError(f"The paper protocol's grid starts at {PAPER_MIN_LENGTH}; drop --min-length.")
+        lengths = paper_length_grid(args.max_length, args.num_points, grid)
+    else:
+        lengths = length_grid(args.max_length, args.num_points, grid, args.min_length or MIN_LENGTH)
+    texts = load_corpus_texts(
+        args.dataset, args.dataset_config, args.split, args.text_field, args.text_files, args.title_field
+    )
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model, args.trust_remote_code, args.dtype, args.device)
     bos_id = args.bos_token_id if args.bos_token_id is not None else special_token_id(tokenizer, model, "bos")
     if bos_id is None:
         raise ValueError("The model has no BOS token in its tokenizer or config; pass --bos-token-id.")
+    eos_id = None
+    if paper:
+        eos_id = args.eos_token_id if args.eos_token_id is not None else special_token_id(tokenizer, model, "eos")
+        if eos_id is None:
+            raise ValueError("The model has no EOS token in its tokenizer or config; pass --eos-token-id.")
     limit = max_positions(model)
-    longest_input = 2 * lengths[-1] + 2
+    extra = 3 if paper else 2
+    longest_input = 2 * max(lengths) + extra
     if limit is not None and longest_input > limit and not args.allow_beyond_max_positions:
         raise ValueError(
-            f"The longest input, 2*{lengths[-1]}+2 = {longest_input} tokens, exceeds the model's {limit} positions; "
-            f"use --max-length {(limit - 2) // 2} or --allow-beyond-max-positions."
+            f"The longest input, 2*{max(lengths)}+{extra} = {longest_input} tokens, exceeds the model's {limit} "
+            f"positions; use --max-length {(limit - extra) // 2} or --allow-beyond-max-positions."
         )
-    # Enough text for two disjoint spans of the longest length, with room for the sampling to vary.
-    corpus = tokenize_corpus(tokenizer, texts, max_tokens=max(8 * lengths[-1], 100_000))
+    if paper:
+        corpus = paper_corpus(tokenizer, texts)  # measure() checks N >= 3L before the first forward
+    else:
+        # Enough text for two disjoint spans of the longest length, with room for the sampling to vary.
+        corpus = tokenize_corpus(tokenizer, texts, max_tokens=max(8 * max(lengths), 100_000))
 
     train_length = args.train_length if args.train_length is not None else max_positions(model)
     output_dir = Path(args.output_dir)
@@ -370,17 +545,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "model_type": getattr(model.config, "model_type", None),
             "chunked_forward": is_comet(model),
             "bos_token_id": bos_id,
+            "eos_token_id": eos_id,
             "corpus": args.dataset
             or (args.text_files and [str(name) for name in args.text_files])
             or "pydoc_data.topics",
             "corpus_tokens": len(corpus),
-            "grid": args.grid,
+            "grid": grid,
             "lengths": lengths,
             "samples": args.samples,
             "seed": args.seed,
             "train_length": train_length or None,
             "seconds": round(time.time() - start, 1),
-            **summarise(done, accuracies, args.copy_threshold, args.alpha),
+            **summarise(done, accuracies, args.copy_threshold, args.alpha, args.protocol),
         }
 
     accuracies = measure(
@@ -388,12 +564,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         on_length=lambda done, partial: atomic_write_json(
             output_dir / "forgetting_curve.json", record(done, partial, complete=False)
         ),
+        protocol=args.protocol, eos_id=eos_id,
     )  # fmt: skip
     result = record(lengths, accuracies, complete=True)
     atomic_write_json(output_dir / "forgetting_curve.json", result)
     fine, coarse = result["fine_memory_length"], result["coarse_memory_length"]
-    title = f"Forgetting curve: {args.model} (memory length: fine {fine}, coarse {coarse})"
-    plot(result, title, train_length or None, args.grid, output_dir / "forgetting_curve.png")
+    protocol = " (paper protocol)" if paper else ""
+    title = f"Forgetting curve{protocol}: {args.model} (memory length: fine {fine}, coarse {coarse})"
+    plot(result, title, train_length or None, grid, output_dir / "forgetting_curve.png")
     print(
         f"fine-grained memory length {fine}, coarse-grained {coarse}"
         f" ({result['seconds']} s); wrote {output_dir / 'forgetting_curve.json'} and .png"

@@ -117,6 +117,25 @@ class PositionOracleLM(_OneHotLM):
         return torch.where(right, following, wrong)
 
 
+class RecallOrEvenLM(_OneHotLM):
+    """Reads the true next token and is right on it when it occurred earlier in the input or is even.
+
+    On a corpus of distinct tokens its copy accuracy is 1 and its LM accuracy is the share of even tokens in
+    the scored window: both can be worked out by hand from where the spans start. Records every input row.
+    """
+
+    def __init__(self, config: TinyConfig):
+        super().__init__(config)
+        self.inputs: list[list[int]] = []
+
+    def predictions(self, ids: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(ids.tolist())
+        following = torch.cat([ids[1:], ids[-1:]])
+        seen = torch.tensor([bool((ids[: t + 1] == following[t]).any()) for t in range(len(ids))])
+        right = seen | (following % 2 == 0)
+        return torch.where(right, following, (following + 1) % self.config.vocab_size)
+
+
 def markov_corpus(num_tokens: int, vocab_size: int = 50, first_id: int = 3, seed: int = 0) -> torch.Tensor:
     """A token stream from a random sparse Markov chain (ids >= ``first_id``, so never BOS/EOS)."""
     generator = torch.Generator().manual_seed(seed)
