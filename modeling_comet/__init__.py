@@ -4,23 +4,25 @@ Importing this package also registers the models with the transformers Auto clas
 `AutoModelForCausalLM.from_pretrained(folder)` works without `trust_remote_code` when it is installed.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_comet import SUPPORTED_BASE_MODEL_TYPES, CometConfig
 from .configuration_ram import RamConfig
-from .modeling_comet import CometCache, CometForCausalLM, CometMemoryState
+from .modeling_comet import CometCache, CometForCausalLM, CometMemoryState, CometModel
 from .modeling_ram import RamForCausalLM
 
 
-def _register(config_cls, model_cls) -> None:
+def _register(config_cls, causal_lm_cls, backbone_cls=None) -> None:
     try:
         AutoConfig.register(config_cls.model_type, config_cls)
-        AutoModelForCausalLM.register(config_cls, model_cls)
+        AutoModelForCausalLM.register(config_cls, causal_lm_cls)
+        if backbone_cls is not None:
+            AutoModel.register(config_cls, backbone_cls)
     except ValueError:  # already registered (e.g. imported twice under different names)
         pass
 
 
-_register(CometConfig, CometForCausalLM)
+_register(CometConfig, CometForCausalLM, CometModel)
 _register(RamConfig, RamForCausalLM)
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "CometConfig",
     "CometForCausalLM",
     "CometMemoryState",
+    "CometModel",
     "RamConfig",
     "RamForCausalLM",
 ]

@@ -61,6 +61,9 @@ class CometConfig(PreTrainedConfig):
             Execution order of the training forward: chunk-major (each chunk through all layers, constant
             memory) or layer-major (every chunk through layer l before layer l+1, what the pipeline-parallel
             trainer uses). Both give the same logits.
+        use_cache (`bool`, *optional*, defaults to `True`):
+            Whether a forward pass in inference mode (no labels, not training) returns a `CometCache` to continue
+            from, as transformers models do. Training and scoring use the cache-free chunked path.
     """
 
     model_type = "comet"
@@ -76,6 +79,7 @@ class CometConfig(PreTrainedConfig):
     gate_bias_init: float = 0.0
     special_init_std: float = 0.02
     layer_major: bool = False
+    use_cache: bool = True
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_comet import CometConfig, check_supported_base
 from .position_layout import epl_special_position_ids, grouped_special_position_ids
@@ -329,10 +330,109 @@ class CometCache(Cache):
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 _LAYER_CACHE_ARG = _OUTPUT_CACHE_FIELD
 
+# Checkpoints saved before `CometModel` existed hold the memory at the top level.
+_LEGACY_MEMORY_PREFIX = "comet_memory."
+_MEMORY_PREFIX = "model.comet_memory."
+
 
 def _valid_first_order(valid: torch.Tensor) -> torch.Tensor:
     """Per-row permutation putting valid columns first, keeping their order. valid: (B, L) bool."""
     return torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+
+
+def _scatter_rows(buffer: torch.Tensor, slots: torch.Tensor, real: torch.Tensor, rows: torch.Tensor) -> None:
+    """Write ``rows`` (B, n, ...) into ``buffer`` (B, K + 1, ...) at ``slots`` (B, n) where ``real``; the last row of
+    ``buffer`` is a sink for the other rows."""
+    sink = buffer.shape[1] - 1
+    index = torch.where(real, slots, sink).reshape(*slots.shape, *([1] * (rows.dim() - 2)))
+    buffer.scatter_(1, index.expand_as(rows), rows.to(buffer.dtype))
+
+
+class _TokenSource:
+    """The input in valid-first column order (each sequence's real tokens first), embedded piece by piece.
+
+    Only token ids and (B, L) index tensors are held for the whole input; embeddings exist one chunk at a time
+    (unless the caller passed ``inputs_embeds``).
+    """
+
+    def __init__(self, embed_tokens: nn.Module, input_ids, inputs_embeds, valid: torch.Tensor):
+        self.embed_tokens = embed_tokens
+        self.batch_size, self.length = valid.shape
+        if bool(valid.all()):
+            self.order = None
+            self.valid = valid
+        else:
+            self.order = _valid_first_order(valid)
+            self.valid = valid.gather(1, self.order)
+        self.ids = input_ids if input_ids is None or self.order is None else input_ids.gather(1, self.order)
+        self.inputs_embeds = inputs_embeds
+        self.dtype = embed_tokens.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
+        self.device = valid.device
+
+    def columns(self, index: torch.Tensor) -> torch.Tensor:
+        """Original columns of valid-first indices ``index`` (B, n) (clamped into the input)."""
+        index = index.clamp(max=self.length - 1)
+        return index if self.order is None else self.order.gather(1, index)
+
+    def embed(self, index: torch.Tensor) -> torch.Tensor:
+        """(B, n, d) input embeddings at valid-first indices ``index`` (B, n)."""
+        if self.ids is not None:
+            return self.embed_tokens(self.ids.gather(1, index.clamp(max=self.length - 1)))
+        columns = self.columns(index)
+        return self.inputs_embeds.gather(1, columns[..., None].expand(-1, -1, self.inputs_embeds.shape[-1]))
+
+    def span(self, start: int, end: int) -> torch.Tensor:
+        """(B, end - start) valid-first indices of one chunk."""
+        return torch.arange(start, end, device=self.device)[None].expand(self.batch_size, -1)
+
+
+class _OutputRecorder:
+    """Per-layer text hidden states and attention weights over the whole input, kept only when asked.
+
+    ``hidden_states[0]`` is the embedding output, ``hidden_states[i]`` the output of layer i−1 and the last one the
+    normalised final state (``last_hidden_state``), as in transformers. ``attentions[l]`` is (B, heads, L, window):
+    how much each text token attends to each index of its chunk's window (memory slots, text, beacons, readouts).
+    """
+
+    def __init__(self, model: CometModel, batch_size: int, length: int, dtype, device, hidden: bool, attentions: bool):
+        config = model.config.base_config
+        self.attention_store = {} if attentions else None
+        self.hidden_states = None
+        self.attentions = None
+        if hidden:
+            shape = (batch_size, length + 1, config.hidden_size)
+            self.hidden_states = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers + 1)]
+        if attentions:
+            window = model._layout(device).size
+            shape = (batch_size, config.num_attention_heads, length + 1, window)
+            self.attentions = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+
+    def layer_output(self, layer: int, columns, real, hidden, query_rows: slice, key_index: torch.Tensor) -> None:
+        """Record layer ``layer``'s output and attention weights for the text queries at rows ``query_rows``."""
+        if layer + 1 < len(self.hidden_states or ()) - 1:
+            self.hidden(layer + 1, columns, real, hidden[:, query_rows])
+        self.attention(layer, columns, real, query_rows, key_index)
+
+    def hidden(self, index: int, columns, real, text_hidden) -> None:
+        if self.hidden_states is not None:
+            _scatter_rows(self.hidden_states[index], columns, real, text_hidden)
+
+    def attention(self, layer: int, columns, real, query_rows: slice, key_index: torch.Tensor) -> None:
+        """Record layer ``layer``'s last attention weights: rows ``query_rows`` are the text queries; their
+        keys sit at window indices ``key_index`` (k,)."""
+        if self.attentions is None:
+            return
+        weights = self.attention_store.pop(layer)[:, :, query_rows]  # (B, H, n, k)
+        B, H, n, _ = weights.shape
+        window = self.attentions[layer].shape[-1]
+        full = weights.new_zeros(B, H, n, window)
+        full.scatter_(3, key_index[None, None, None, :].expand(B, H, n, -1), weights)
+        _scatter_rows(self.attentions[layer].transpose(1, 2), columns, real, full.transpose(1, 2))
+
+    def outputs(self) -> tuple[tuple | None, tuple | None]:
+        hidden = None if self.hidden_states is None else tuple(h[:, :-1] for h in self.hidden_states)
+        attentions = None if self.attentions is None else tuple(a[:, :, :-1] for a in self.attentions)
+        return hidden, attentions
 
 
 class CometPreTrainedModel(PreTrainedModel):
@@ -345,6 +445,15 @@ class CometPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = False
     _no_split_modules = ["LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"]
+
+    def __init__(self, config: CometConfig, *inputs, **kwargs):
+        for attn in {config._attn_implementation, config.base_config._attn_implementation}:
+            if attn not in (None, "eager", "sdpa"):
+                raise ValueError(
+                    f"CoMeT supports attn_implementation 'sdpa' or 'eager', not {attn!r}: its window needs an "
+                    "arbitrary attention mask (text hidden from beacons and readouts), which flash/flex kernels do not take."
+                )
+        super().__init__(config, *inputs, **kwargs)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -361,94 +470,33 @@ class CometPreTrainedModel(PreTrainedModel):
                 init.normal_(module.beacon_embedding, mean=0.0, std=self.config.special_init_std)
 
 
-class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
-    """A pretrained decoder with the CoMeT memory: constant memory and linear time in the input length.
+class CometModel(CometPreTrainedModel):
+    """The CoMeT backbone: the base model's embeddings, decoder layers, norm and rotary embedding, the memory
+    (``comet_memory``) and the chunked window logic. Returns the final (normalised) text hidden states.
 
-    Parameter names of the base model are kept (``model.*``, ``lm_head.*``), so LoRA
-    ``target_modules`` such as ``q_proj`` work unchanged; every memory parameter lives under the
-    unique prefix ``comet_memory.`` (use it in PEFT's ``modules_to_save``).
+    Parameter names follow the base model (``embed_tokens``, ``layers.N``, ``norm``), so base checkpoints and LoRA
+    ``target_modules`` map onto it unchanged; every memory parameter lives under ``comet_memory.``.
     """
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
     def __init__(self, config: CometConfig):
-        for attn in {config._attn_implementation, config.base_config._attn_implementation}:
-            if attn not in (None, "eager", "sdpa"):
-                raise ValueError(
-                    f"CoMeT supports attn_implementation 'sdpa' or 'eager', not {attn!r}: its window needs an "
-                    "arbitrary attention mask (text hidden from beacons and readouts), which flash/flex kernels do not take."
-                )
         super().__init__(config)
         check_supported_base(config.base_config)
         config.check_memory_fields()
-        self.model = AutoModel.from_config(config.base_config)
-        # One config object for the backbone and this wrapper, so attention-implementation changes reach both.
-        self.model.config = config.base_config
-        self.lm_head = nn.Linear(config.base_config.hidden_size, config.base_config.vocab_size, bias=False)
+        base = AutoModel.from_config(config.base_config)
+        self.embed_tokens = base.embed_tokens
+        self.layers = base.layers
+        self.norm = base.norm
+        self.rotary_emb = base.rotary_emb
         self.comet_memory = CometMemory(config)
+        self.gradient_checkpointing = False
         self._layouts: dict = {}
         self.post_init()
 
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_base(cls, base_model_or_path, dtype=None, **memory_fields) -> CometForCausalLM:
-        """Build a CoMeT model on a pretrained causal LM, copying its weights and initialising the memory.
-
-        Args:
-            base_model_or_path: a loaded `PreTrainedModel` (Llama, Mistral, Qwen2, Qwen3) or a path / repo id.
-            dtype: dtype for the new model (defaults to the base model's).
-            **memory_fields: any `CometConfig` field, e.g. ``chunk_size=256, global_mem_size=8``.
-        """
-        if isinstance(base_model_or_path, PreTrainedModel):
-            base = base_model_or_path
-        else:
-            base = AutoModelForCausalLM.from_pretrained(base_model_or_path, dtype=dtype or torch.float32)
-        check_supported_base(base.config)
-        if getattr(base, "hf_quantizer", None) is not None:
-            base.hf_quantizer.remove_quantization_config(base)
-        base_config = copy.deepcopy(base.config)
-        attn = base.config._attn_implementation
-        config = CometConfig(base_config=base_config, **memory_fields)
-        config._attn_implementation = attn
-        config.base_config._attn_implementation = attn
-        dtype = dtype or base.dtype
-        model = cls(config).to(dtype)
-        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-        unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
-        missing = [k for k in missing if not k.startswith("comet_memory.") and k != "lm_head.weight"]
-        if missing or unexpected:
-            raise ValueError(f"Base weights do not map onto CoMeT: missing {missing}, unexpected {unexpected}")
-        if config.tie_word_embeddings:
-            model.tie_weights()
-        else:
-            model.lm_head.load_state_dict(base.lm_head.state_dict())
-        model._init_special_embeddings()
-        if base.generation_config is not None:
-            model.generation_config = copy.deepcopy(base.generation_config)
-        return model
-
-    @torch.no_grad()
-    def _init_special_embeddings(self) -> None:
-        """Start beacons and readouts near the mean token embedding, where the base model expects its inputs."""
-        emb = self.model.embed_tokens.weight
-        mean = emb.float().mean(0)
-        std = self.config.special_init_std
-        mem = self.comet_memory
-        mem.readout_embedding.copy_(mean + std * torch.randn_like(mem.readout_embedding, dtype=torch.float32))
-        if mem.beacon_embedding is not None:
-            mem.beacon_embedding.copy_(mean + std * torch.randn_like(mem.beacon_embedding, dtype=torch.float32))
-
     def get_input_embeddings(self):
-        return self.model.embed_tokens
+        return self.embed_tokens
 
     def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
+        self.embed_tokens = value
 
     # ------------------------------------------------------------------ shared pieces
     def _layout(self, device) -> CometWindowLayout:
@@ -510,7 +558,7 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
         return torch.cat(parts).to(dtype)[None].expand(batch_size, -1, -1)
 
     def _run_layer(self, layer: int, hidden, mask, position_embeddings, position_ids, cache=None):
-        return self.model.layers[layer](
+        return self.layers[layer](
             hidden,
             attention_mask=mask,
             position_embeddings=position_embeddings,
@@ -519,9 +567,9 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
             **{_LAYER_CACHE_ARG: cache},
         )
 
-    # ------------------------------------------------------------------ training / scoring path
+    # ------------------------------------------------------------------ whole-chunk path (training, scoring)
     def _chunk_inputs(self, embeds, valid, state: CometMemoryState, fold: bool, layout: CometWindowLayout):
-        """Sequence, mask, position embeddings and ids of one chunk for the whole-chunk path."""
+        """Sequence, mask, position embeddings and ids, and window index of each key, of one chunk."""
         B, n, _ = embeds.shape
         device = embeds.device
         slot_valid = state.slot_valid(self.config.global_mem_size)
@@ -541,12 +589,12 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
         allowed = layout.mask(index[None].expand(B, -1), index, torch.cat(key_valid, dim=1))
         position_ids = torch.cat(positions, dim=1)
         hidden = torch.cat(parts, dim=1)
-        position_embeddings = self.model.rotary_emb(hidden, position_ids=position_ids)
-        return hidden, self._attention_mask(allowed, embeds.dtype), position_embeddings, position_ids
+        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        return hidden, self._attention_mask(allowed, embeds.dtype), position_embeddings, position_ids, index
 
     def _chunk_layer_step(self, layer, hidden, chunk, state, fold, n_text):
         """Run one decoder layer on one chunk: inject memory, run, read the next memory if folding."""
-        mask, position_embeddings, position_ids = chunk
+        mask, position_embeddings, position_ids = chunk[:3]
         P = self.config.memory_slots
         hidden = torch.cat([state.slots(layer).to(hidden.dtype), hidden[:, P:]], dim=1)
         hidden = self._run_layer(layer, hidden, mask, position_embeddings, position_ids)
@@ -568,52 +616,69 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
             temp_valid=validity[1],
         )
 
-    def _forward_chunks(self, embeds, valid, on_text_hidden, layer_major: bool, temp_budget: int | None = None):
-        """Read ``embeds`` (B, L, d) chunk by chunk; ``on_text_hidden(start, hidden)`` receives final text states."""
-        B, L, _ = embeds.shape
+    def _forward_chunks(self, tokens: _TokenSource, on_text, layer_major: bool, temp_budget, recorder: _OutputRecorder):
+        """Read the input chunk by chunk without a cache; ``on_text(columns, real, hidden)`` receives each chunk's
+        normalised final text states with their original columns (B, n) and which of them are real tokens."""
+        B, L = tokens.batch_size, tokens.length
         C = self.config.chunk_size
-        layout = self._layout(embeds.device)
-        state = CometMemoryState.empty(self.config, B, embeds.dtype, embeds.device)
+        layout = self._layout(tokens.device)
+        state = CometMemoryState.empty(self.config, B, tokens.dtype, tokens.device)
         bounds = [(s, min(s + C, L)) for s in range(0, L, C)]
-        folded = torch.ones(B, dtype=torch.bool, device=embeds.device)
+        folded = torch.ones(B, dtype=torch.bool, device=tokens.device)
         num_layers = self.config.base_config.num_hidden_layers
         P = self.config.memory_slots
+        text_rows = [slice(P, P + end - start) for start, end in bounds]
+        columns = [tokens.columns(tokens.span(start, end)) for start, end in bounds]
+        real = [tokens.valid[:, start:end] for start, end in bounds]
+
+        def record(layer, i, hidden, key_index):
+            recorder.layer_output(layer, columns[i], real[i], hidden, text_rows[i], key_index)
 
         if not layer_major:
-            for start, end in bounds:
+            for i, (start, end) in enumerate(bounds):
                 fold = end < L
-                hidden, *chunk = self._chunk_inputs(embeds[:, start:end], valid[:, start:end], state, fold, layout)
+                embeds = tokens.embed(tokens.span(start, end))
+                recorder.hidden(0, columns[i], real[i], embeds)
+                hidden, *chunk = self._chunk_inputs(embeds, real[i], state, fold, layout)
                 new_memories = []
                 for layer in range(num_layers):
                     hidden, new_memory = self._chunk_layer_step(layer, hidden, chunk, state, fold, end - start)
+                    record(layer, i, hidden, chunk[3])
                     new_memories.append(new_memory)
-                on_text_hidden(start, hidden[:, P : P + end - start])
+                on_text(columns[i], real[i], self.norm(hidden[:, text_rows[i]]))
                 if fold:
                     state = self._advance(state, new_memories, self._fold_validity(state, folded, temp_budget))
             return
 
         # Layer-major: every chunk through layer l before layer l+1.
-        hiddens, chunks, states = self._layer_major_chunks(embeds, valid, bounds, L, state, temp_budget)
+        def embed_chunk(i, start, end):
+            embeds = tokens.embed(tokens.span(start, end))
+            recorder.hidden(0, columns[i], real[i], embeds)
+            return embeds
+
+        hiddens, chunks, states = self._layer_major_chunks(embed_chunk, tokens.valid, bounds, L, state, temp_budget)
         for layer in range(num_layers):
-            self._layer_over_chunks(layer, hiddens, chunks, states, bounds, L)
-        for i, (start, end) in enumerate(bounds):
-            on_text_hidden(start, hiddens[i][:, P : P + end - start])
+            self._layer_over_chunks(layer, hiddens, chunks, states, bounds, L, on_output=record)
+        for i in range(len(bounds)):
+            on_text(columns[i], real[i], self.norm(hiddens[i][:, text_rows[i]]))
 
     def _layer_major_chunks(
-        self, embeds, valid, bounds, total_length: int, first_state: CometMemoryState, temp_budget: int | None = None
+        self, embed_chunk, valid, bounds, total_length: int, first_state: CometMemoryState, temp_budget: int | None = None
     ):
         """Inputs of each chunk and the memory state each starts from, for layer-major execution.
 
-        Which slots are valid depends only on the chunk index, so every chunk's mask and positions can be
-        built before any layer runs; the states' tensors are filled layer by layer by `_layer_over_chunks`.
+        ``embed_chunk(i, start, end)`` gives chunk i's (B, n, d) input embeddings. Which slots are valid depends only
+        on the chunk index, so every chunk's mask and positions can be built before any layer runs; the states'
+        tensors are filled layer by layer by `_layer_over_chunks`.
         """
-        layout = self._layout(embeds.device)
-        B = embeds.shape[0]
-        folded = torch.ones(B, dtype=torch.bool, device=embeds.device)
+        layout = self._layout(valid.device)
+        B = valid.shape[0]
+        folded = torch.ones(B, dtype=torch.bool, device=valid.device)
         states, chunks, hiddens = [first_state], [], []
-        for start, end in bounds:
+        for i, (start, end) in enumerate(bounds):
             fold = end < total_length
-            hidden, *chunk = self._chunk_inputs(embeds[:, start:end], valid[:, start:end], states[-1], fold, layout)
+            embeds = embed_chunk(i, start, end)
+            hidden, *chunk = self._chunk_inputs(embeds, valid[:, start:end], states[-1], fold, layout)
             hiddens.append(hidden)
             chunks.append(chunk)
             nxt = CometMemoryState.empty(self.config, B, embeds.dtype, embeds.device)
@@ -622,27 +687,30 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
             states.append(nxt)
         return hiddens, chunks, states
 
-    def _layer_over_chunks(self, layer: int, hiddens, chunks, states, bounds, total_length: int) -> None:
+    def _layer_over_chunks(self, layer: int, hiddens, chunks, states, bounds, total_length: int, on_output=None) -> None:
         """Run layer ``layer`` over consecutive chunks, handing each chunk's new memory to the next (in place)."""
         for i, (start, end) in enumerate(bounds):
             fold = end < total_length
             hiddens[i], new_memory = self._chunk_layer_step(layer, hiddens[i], chunks[i], states[i], fold, end - start)
+            if on_output is not None:
+                on_output(layer, i, hiddens[i], chunks[i][3])
             if fold:
                 nxt = states[i + 1]
                 nxt.global_state[layer], nxt.global_memory[layer] = new_memory[0], new_memory[1]
                 if new_memory[2] is not None:
                     nxt.temp_memory[layer] = new_memory[2]
 
-    # ------------------------------------------------------------------ generation path
-    def _cache_step(self, cache: CometCache, hidden, query_index, position_ids, inject_slots: bool):
-        """Run all layers on queries written at ``query_index`` (B, q) of the window buffer."""
+    # ------------------------------------------------------------------ cache path (generation, reading)
+    def _cache_step(self, cache: CometCache, hidden, query_index, position_ids, inject_slots: bool, on_layer=None):
+        """Run all layers on queries written at ``query_index`` (B, q) of the window buffer; return each layer's
+        output (B, q, d)."""
         layout = self._layout(hidden.device)
         keys = torch.arange(layout.size, device=hidden.device)
         allowed = layout.mask(query_index, keys, cache.key_valid)
         padding = query_index == layout.scratch
         allowed = torch.where(padding[:, None, :, None], (keys == layout.scratch)[None, None, None, :], allowed)
         mask = self._attention_mask(allowed, hidden.dtype)
-        position_embeddings = self.model.rotary_emb(hidden, position_ids=position_ids)
+        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         cache._write_index = query_index
         outputs = []
         try:
@@ -650,6 +718,8 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
                 if inject_slots:
                     hidden = cache.memory.slots(layer).to(hidden.dtype)
                 hidden = self._run_layer(layer, hidden, mask, position_embeddings, position_ids, cache=cache)
+                if on_layer is not None:
+                    on_layer(layer, hidden=hidden, key_index=keys)
                 outputs.append(hidden)
         finally:
             cache._write_index = None
@@ -702,40 +772,302 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
         cache.memory = self._advance(state, new_memories, self._fold_validity(state, samples))
         self._start_windows(cache, samples)
 
-    def _forward_with_cache(self, embeds, valid, cache: CometCache, on_text_hidden):
-        """Append ``embeds`` (B, L, d) to each sample's window, folding windows as they fill."""
-        B, L, _ = embeds.shape
+    def _forward_with_cache(self, tokens: _TokenSource, cache: CometCache, on_text, recorder: _OutputRecorder):
+        """Append the input to each sample's window, one window's worth at a time, folding windows as they fill."""
+        B, L = tokens.batch_size, tokens.length
         C = self.config.chunk_size
-        layout = self._layout(embeds.device)
+        device = tokens.device
+        layout = self._layout(device)
         if not cache.is_initialized:
-            cache.allocate(self.config, B, layout.size, embeds.dtype, embeds.device)
-            self._start_windows(cache, torch.ones(B, dtype=torch.bool, device=embeds.device))
+            cache.allocate(self.config, B, layout.size, tokens.dtype, device)
+            self._start_windows(cache, torch.ones(B, dtype=torch.bool, device=device))
         elif cache.batch_size != B:
             raise ValueError(f"Cache holds {cache.batch_size} sequences but the input has {B}")
         cache.seen_tokens += L
-        remaining = valid.long().sum(1)  # valid tokens come first (see forward)
+        remaining = tokens.valid.long().sum(1)  # valid tokens come first
         consumed = torch.zeros_like(remaining)
-        arange_C = torch.arange(C, device=embeds.device)
+        arange_C = torch.arange(C, device=device)
         while bool((consumed < remaining).any()):
             take = torch.minimum(C - cache.window_fill, remaining - consumed)  # (B,)
             q = int(take.max())
             steps = arange_C[:q][None]  # (1, q)
             real = steps < take[:, None]  # (B, q)
-            source = (consumed[:, None] + steps).clamp(max=L - 1)
-            hidden = embeds.gather(1, source[..., None].expand(-1, -1, embeds.shape[-1]))
+            source = consumed[:, None] + steps
+            columns = tokens.columns(source)
+            hidden = tokens.embed(source)
+            recorder.hidden(0, columns, real, hidden)
             query_index = torch.where(real, layout.text_start + cache.window_fill[:, None] + steps, layout.scratch)
             written = torch.zeros_like(cache.key_valid).scatter_(1, query_index, real)
             written[:, layout.scratch] = False
             cache.key_valid = cache.key_valid | written
             _, text_start = self._slot_positions(cache.memory.slot_valid(self.config.global_mem_size))
             position_ids = text_start[:, None] + cache.window_fill[:, None] + steps
-            outputs = self._cache_step(cache, hidden, query_index, position_ids, inject_slots=False)
-            on_text_hidden(consumed, real, outputs[-1])
+            record = partial(recorder.layer_output, columns=columns, real=real, query_rows=slice(None))
+            outputs = self._cache_step(cache, hidden, query_index, position_ids, inject_slots=False, on_layer=record)
+            on_text(columns, real, self.norm(outputs[-1]))
             cache.window_fill = cache.window_fill + take
             consumed = consumed + take
             full = cache.window_fill >= C
             if bool(full.any()):
                 self._fold_windows(cache, full)
+
+    # ------------------------------------------------------------------ entry points
+    def _stream(
+        self,
+        on_text,
+        input_ids=None,
+        inputs_embeds=None,
+        attention_mask=None,
+        cache=None,
+        use_cache: bool | None = None,
+        layer_major: bool | None = None,
+        temp_budget: int | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ):
+        """Read the input chunk by chunk and hand each piece of final text states to ``on_text``.
+
+        ``on_text(columns, real, hidden)`` gets the normalised final states (B, n, d) of n input columns
+        (``columns`` (B, n) original column indices, ``real`` (B, n) False for padding queries). Nothing of the input's
+        length times the hidden size is allocated unless ``inputs_embeds`` or recorded outputs are asked for.
+
+        Returns the cache (or None), the per-layer hidden states and the attentions (None unless asked).
+        """
+        B, L, dtype, device = self._input_shape(input_ids, inputs_embeds)
+        if attention_mask is None:
+            valid = torch.ones(B, L, dtype=torch.bool, device=device)
+        else:
+            if attention_mask.dim() != 2:
+                raise ValueError("CoMeT takes a 2D (batch, length) attention_mask; it builds its own attention layout")
+            valid = attention_mask[:, -L:].bool()
+        if temp_budget is not None:
+            if not self.config.use_temp_memory or not 0 <= temp_budget <= self.config.temp_slots:
+                raise ValueError(
+                    f"temp_budget must lie in [0, {self.config.temp_slots}] on a model with temporary memory, got {temp_budget}"
+                )
+            if cache is not None or use_cache:
+                raise ValueError("temp_budget applies to the training (no-cache) forward only")
+        if use_cache and cache is None:
+            cache = CometCache()
+        if cache is not None and not isinstance(cache, CometCache):
+            raise TypeError(f"CoMeT needs a CometCache, got {type(cache).__name__}")
+        if output_attentions and self.config.base_config._attn_implementation != "eager":
+            raise ValueError(
+                "output_attentions needs attn_implementation='eager' (sdpa does not return attention weights); "
+                "load the model with attn_implementation='eager' or call model.set_attn_implementation('eager')"
+            )
+
+        tokens = _TokenSource(self.embed_tokens, input_ids, inputs_embeds, valid)
+        recorder = _OutputRecorder(self, B, L, tokens.dtype, device, output_hidden_states, output_attentions)
+
+        def on_final(columns, real, hidden):
+            recorder.hidden(-1, columns, real, hidden)
+            on_text(columns, real, hidden)
+
+        hooks = []
+        if recorder.attention_store is not None:
+            for i, layer in enumerate(self.layers):
+                hooks.append(
+                    layer.self_attn.register_forward_hook(
+                        lambda module, args, out, i=i: recorder.attention_store.__setitem__(i, out[1])
+                    )
+                )
+        try:
+            if cache is not None:
+                self._forward_with_cache(tokens, cache, on_final, recorder)
+            else:
+                major = self.config.layer_major if layer_major is None else layer_major
+                self._forward_chunks(tokens, on_final, major, temp_budget, recorder)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return (cache, *recorder.outputs())
+
+    def _input_shape(self, input_ids, inputs_embeds) -> tuple[int, int, torch.dtype, torch.device]:
+        """Check the input; return its batch size, length, embedding dtype and device."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
+                raise ValueError(
+                    f"inputs_embeds must be a non-empty (batch, length, hidden) tensor, got {tuple(inputs_embeds.shape)}"
+                )
+            return *inputs_embeds.shape[:2], inputs_embeds.dtype, inputs_embeds.device
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.numel() == 0:
+            shape = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got {shape}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        vocab = self.config.base_config.vocab_size
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"input_ids contain id {low if low < 0 else high} outside the model's vocabulary [0, {vocab}): "
+                "the tokenizer does not match the base model"
+            )
+        return *input_ids.shape, self.embed_tokens.weight.dtype, input_ids.device
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: CometCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        layer_major: bool | None = None,
+        temp_budget: int | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): text tokens of any length.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for real tokens, 0 for padding (left or right). Each sequence is chunked from its own first token.
+            position_ids: ignored; CoMeT assigns positions per chunk (they restart in every chunk).
+            cache (`CometCache`, *optional*): generation state; when given (or `use_cache=True`), the input is
+                appended to it and the live window folds into memory whenever it reaches `chunk_size`.
+            output_attentions (`bool`, *optional*): return, per layer, a `(batch_size, num_heads, sequence_length,
+                window_size)` tensor: each text token's attention weights over its chunk's window indices (memory
+                slots, text, beacons, readouts; see `CometWindowLayout`), zero where it does not attend. Needs the
+                eager attention implementation.
+            output_hidden_states (`bool`, *optional*): return `num_hidden_layers + 1` tensors of shape
+                `(batch_size, sequence_length, hidden_size)`: the embeddings, every layer's text output, and the
+                normalised final state last (padding positions are zero).
+            layer_major (`bool`, *optional*): execution order of the no-cache path (default `config.layer_major`).
+            temp_budget (`int`, *optional*): see only the newest `temp_budget` temporary memory entries (no-cache path).
+        """
+        cache = kwargs.pop("past_key_values", cache)
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if use_cache is None:
+            no_cache_only = self.training or layer_major is not None or temp_budget is not None
+            use_cache = cache is not None or (self.config.use_cache and not no_cache_only)
+        B, L, dtype, device = self._input_shape(input_ids, inputs_embeds)
+        last = torch.zeros(B, L + 1, self.config.base_config.hidden_size, dtype=dtype, device=device)
+        cache, hidden_states, attentions = self._stream(
+            lambda columns, real, hidden: _scatter_rows(last, columns, real, hidden),
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=use_cache,
+            layer_major=layer_major,
+            temp_budget=temp_budget,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        output = BaseModelOutputWithPast(
+            last_hidden_state=last[:, :L],
+            hidden_states=hidden_states,
+            attentions=attentions,
+            **{_OUTPUT_CACHE_FIELD: cache},
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
+    """A pretrained decoder with the CoMeT memory: constant memory and linear time in the input length.
+
+    `CometModel` (``model``) is the backbone; this class adds the LM head and computes the loss chunk by chunk
+    from the backbone's per-chunk outputs, so no whole-length logits are needed for training. Base parameter names
+    are kept (``model.embed_tokens``, ``model.layers.N``, ``model.norm``, ``lm_head``), so LoRA ``target_modules``
+    such as ``q_proj`` work unchanged; every memory parameter lives under the unique module name ``comet_memory``
+    (``model.comet_memory.*``; use ``"comet_memory"`` in PEFT's ``modules_to_save``).
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: CometConfig):
+        super().__init__(config)
+        self.model = CometModel(config)
+        self.lm_head = nn.Linear(config.base_config.hidden_size, config.base_config.vocab_size, bias=False)
+        self._register_load_state_dict_pre_hook(_rename_legacy_memory_keys)
+        self.post_init()
+
+    @property
+    def comet_memory(self) -> CometMemory:
+        """The memory module (``self.model.comet_memory``)."""
+        return self.model.comet_memory
+
+    # ------------------------------------------------------------------ construction and loading
+    @classmethod
+    def from_base(cls, base_model_or_path, dtype=None, **memory_fields) -> CometForCausalLM:
+        """Build a CoMeT model on a pretrained causal LM, copying its weights and initialising the memory.
+
+        Args:
+            base_model_or_path: a loaded `PreTrainedModel` (Llama, Mistral, Qwen2, Qwen3) or a path / repo id.
+            dtype: dtype for the new model (defaults to the base model's).
+            **memory_fields: any `CometConfig` field, e.g. ``chunk_size=256, global_mem_size=8``.
+        """
+        if isinstance(base_model_or_path, PreTrainedModel):
+            base = base_model_or_path
+        else:
+            base = AutoModelForCausalLM.from_pretrained(base_model_or_path, dtype=dtype or torch.float32)
+        check_supported_base(base.config)
+        if getattr(base, "hf_quantizer", None) is not None:
+            base.hf_quantizer.remove_quantization_config(base)
+        base_config = copy.deepcopy(base.config)
+        attn = base.config._attn_implementation
+        config = CometConfig(base_config=base_config, **memory_fields)
+        config._attn_implementation = attn
+        config.base_config._attn_implementation = attn
+        dtype = dtype or base.dtype
+        model = cls(config).to(dtype)
+        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+        unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
+        missing = [k for k in missing if not k.startswith(_MEMORY_PREFIX) and k != "lm_head.weight"]
+        if missing or unexpected:
+            raise ValueError(f"Base weights do not map onto CoMeT: missing {missing}, unexpected {unexpected}")
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        else:
+            model.lm_head.load_state_dict(base.lm_head.state_dict())
+        model._init_special_embeddings()
+        if base.generation_config is not None:
+            model.generation_config = copy.deepcopy(base.generation_config)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, *args, key_mapping: dict[str, str] | None = None, **kwargs):
+        """`PreTrainedModel.from_pretrained`, also loading checkpoints saved with the memory at the top level
+        (``comet_memory.*``, before `CometModel` existed); the model saves in the current layout."""
+        legacy = {f"^{_LEGACY_MEMORY_PREFIX}": _MEMORY_PREFIX}
+        loaded = super().from_pretrained(*args, key_mapping={**legacy, **(key_mapping or {})}, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions:
+            model._weight_conversions = [
+                c for c in conversions if getattr(c, "_original_source_patterns", None) != list(legacy)
+            ]
+        return loaded
+
+    @torch.no_grad()
+    def _init_special_embeddings(self) -> None:
+        """Start beacons and readouts near the mean token embedding, where the base model expects its inputs."""
+        emb = self.model.embed_tokens.weight
+        mean = emb.float().mean(0)
+        std = self.config.special_init_std
+        mem = self.model.comet_memory
+        mem.readout_embedding.copy_(mean + std * torch.randn_like(mem.readout_embedding, dtype=torch.float32))
+        if mem.beacon_embedding is not None:
+            mem.beacon_embedding.copy_(mean + std * torch.randn_like(mem.beacon_embedding, dtype=torch.float32))
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -748,12 +1080,14 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        layer_major: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        layer_major: bool | None = None,
         label_weights: torch.Tensor | None = None,
         temp_budget: int | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): text tokens of any length.
@@ -766,6 +1100,7 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
                 computed chunk by chunk, so no full-length logits are needed for it.
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0): keep logits for only the last
                 `logits_to_keep` positions (0 keeps all), or for the given indices.
+            output_attentions, output_hidden_states: see `CometModel.forward`.
             layer_major (`bool`, *optional*): execution order of the whole-chunk path (default `config.layer_major`).
             label_weights (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): a weight per label
                 (aligned with `labels`); the loss is then the weighted mean `Σ w·CE / Σ w` over labelled tokens, e.g. to
@@ -775,98 +1110,61 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
                 what lies beyond that window.
         """
         cache = kwargs.pop("past_key_values", cache)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
-        if input_ids is not None:
-            if input_ids.dim() != 2 or input_ids.numel() == 0:
-                raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}")
-            vocab = self.config.base_config.vocab_size
-            if int(input_ids.max()) >= vocab or int(input_ids.min()) < 0:
-                raise ValueError(
-                    f"input_ids contain id {int(input_ids.max())} outside the model's vocabulary of {vocab} tokens: "
-                    "the tokenizer does not match the base model"
-                )
-            inputs_embeds = self.model.embed_tokens(input_ids)
-        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
-            raise ValueError(f"inputs_embeds must be a non-empty (batch, length, hidden) tensor, got {tuple(inputs_embeds.shape)}")
-        B, L, d = inputs_embeds.shape
-        if attention_mask is None:
-            valid = torch.ones(B, L, dtype=torch.bool, device=inputs_embeds.device)
-        else:
-            if attention_mask.dim() != 2:
-                raise ValueError("CoMeT takes a 2D (batch, length) attention_mask; it builds its own attention layout")
-            valid = attention_mask[:, -L:].bool()
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if use_cache is None:
+            no_cache_only = self.training or labels is not None or layer_major is not None or temp_budget is not None
+            use_cache = cache is not None or (self.config.use_cache and not no_cache_only)
+        B, L, dtype, device = self.model._input_shape(input_ids, inputs_embeds)
+        if labels is not None and tuple(labels.shape) != (B, L):
+            raise ValueError(f"labels must have the input's shape {(B, L)}, got {tuple(labels.shape)}")
         if label_weights is not None and (labels is None or label_weights.shape != labels.shape):
             raise ValueError("label_weights needs labels of the same shape")
-        if temp_budget is not None:
-            if not self.config.use_temp_memory or not 0 <= temp_budget <= self.config.temp_slots:
-                raise ValueError(
-                    f"temp_budget must lie in [0, {self.config.temp_slots}] on a model with temporary memory, got {temp_budget}"
-                )
-            if cache is not None or use_cache:
-                raise ValueError("temp_budget applies to the training (no-cache) forward only")
-        if use_cache and cache is None:
-            cache = CometCache()
-        if cache is not None and not isinstance(cache, CometCache):
-            raise TypeError(f"CoMeT needs a CometCache, got {type(cache).__name__}")
 
-        # Keep each sequence's real tokens first so that every sequence is chunked from its own start.
-        order = _valid_first_order(valid)
-        embeds = inputs_embeds.gather(1, order[..., None].expand(-1, -1, d))
-        valid_sorted = valid.gather(1, order)
-        inverse = torch.argsort(order, dim=1)
-
-        # Which original columns need logits, as indices into the valid-first layout: (B, K).
+        # Which input columns need logits: (K,) column indices and, per column, its row in the kept block.
         if isinstance(logits_to_keep, int):
-            keep_cols = torch.arange(L - logits_to_keep if logits_to_keep else 0, L, device=embeds.device)
+            keep_cols = torch.arange(L - logits_to_keep if logits_to_keep else 0, L, device=device)
         else:
-            keep_cols = logits_to_keep.to(embeds.device)
-        keep = inverse[:, keep_cols]  # (B, K)
-        kept_hidden = embeds.new_zeros(B, keep.shape[1], d)
+            keep_cols = logits_to_keep.to(device).flatten() % L
+        K = keep_cols.numel()
+        keep_slot = torch.full((B, L), -1, dtype=torch.long, device=device)
+        keep_slot[:, keep_cols] = torch.arange(K, device=device)
+        kept = torch.zeros(B, K + 1, self.config.base_config.hidden_size, dtype=dtype, device=device)
 
         shift_labels = shift_weights = None
-        loss_sum = embeds.new_zeros(())
+        loss_sum = torch.zeros((), device=device)
         if labels is not None:
-            shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # target of column t is label t+1
-            shift_labels = shifted.gather(1, order).masked_fill(~valid_sorted, -100)
+            valid = torch.ones(B, L, dtype=torch.bool, device=device) if attention_mask is None else attention_mask[:, -L:].bool()
+            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100).masked_fill(~valid, -100)  # target of column t
             if label_weights is not None:
-                shift_weights = F.pad(label_weights[:, 1:].float(), (0, 1)).gather(1, order)
-                shift_weights = shift_weights.masked_fill(shift_labels == -100, 0.0)
+                shift_weights = F.pad(label_weights[:, 1:].float(), (0, 1)).masked_fill(shift_labels == -100, 0.0)
 
-        def collect(start, real, text_hidden):
-            """Gather kept final states; accumulate the loss. start: int or (B,) offsets of the chunk."""
-            nonlocal kept_hidden, loss_sum
-            n = text_hidden.shape[1]
-            offsets = start if torch.is_tensor(start) else torch.full((B,), start, device=embeds.device)
-            columns = offsets[:, None] + torch.arange(n, device=embeds.device)  # (B, n) valid-first indices
-            if real is None:
-                real = columns < L
-            normed = self.model.norm(text_hidden)
-            rel = keep - offsets[:, None]
-            hit = (rel >= 0) & (rel < n)
-            if bool(hit.any()):
-                real_hit = hit & real.gather(1, rel.clamp(0, n - 1))
-                picked = normed.gather(1, rel.clamp(0, n - 1)[..., None].expand(-1, -1, d))
-                kept_hidden = torch.where(real_hit[..., None], picked, kept_hidden)
+        def on_text(columns, real, hidden):
+            nonlocal loss_sum
+            slots = keep_slot.gather(1, columns)
+            _scatter_rows(kept, slots.clamp(min=0), real & (slots >= 0), hidden)
             if shift_labels is not None:
-                targets = shift_labels.gather(1, columns.clamp(max=L - 1)).masked_fill(~real, -100)
-                logits = self.lm_head(normed).float()
-                if shift_weights is None:
-                    loss_sum = loss_sum + F.cross_entropy(
-                        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
-                    )
-                else:
-                    weights = shift_weights.gather(1, columns.clamp(max=L - 1)).masked_fill(~real, 0.0)
-                    token_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
-                    loss_sum = loss_sum + (token_loss * weights.flatten()).sum()
+                targets = shift_labels.gather(1, columns).masked_fill(~real, -100)
+                logits = self.lm_head(hidden).float()
+                token_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+                if shift_weights is not None:
+                    token_loss = token_loss * shift_weights.gather(1, columns).masked_fill(~real, 0.0).flatten()
+                loss_sum = loss_sum + token_loss.sum()
 
-        if cache is not None:
-            self._forward_with_cache(embeds, valid_sorted, cache, collect)
-        else:
-            major = self.config.layer_major if layer_major is None else layer_major
-            self._forward_chunks(embeds, valid_sorted, lambda start, h: collect(start, None, h), major, temp_budget)
-
-        logits = self.lm_head(kept_hidden)
+        cache, hidden_states, attentions = self.model._stream(
+            on_text,
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=use_cache,
+            layer_major=layer_major,
+            temp_budget=temp_budget,
+            output_hidden_states=bool(
+                self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+            ),
+            output_attentions=bool(self.config.output_attentions if output_attentions is None else output_attentions),
+        )
+        logits = self.lm_head(kept[:, :K])
         loss = None
         if shift_labels is not None:
             count = kwargs.get("num_items_in_batch")
@@ -875,7 +1173,10 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
             elif count is None:
                 count = (shift_labels != -100).sum()
             loss = loss_sum / torch.as_tensor(count, device=loss_sum.device).clamp(min=1)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: cache})
+        output = CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions, **{_OUTPUT_CACHE_FIELD: cache}
+        )
+        return output if return_dict else output.to_tuple()
 
     # ------------------------------------------------------------------ generation glue
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
@@ -911,10 +1212,18 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
         with tqdm(total=length, unit="tok", desc="CoMeT reading", disable=not progress) as bar:
             for start in range(0, length, step):
                 end = min(start + step, length)
-                mask = None if attention_mask is None else attention_mask[:, : end]
+                mask = None if attention_mask is None else attention_mask[:, :end]
                 self(input_ids[:, start:end], attention_mask=mask, cache=cache, logits_to_keep=1)
                 bar.update(end - start)
         return cache
+
+
+def _rename_legacy_memory_keys(state_dict, prefix, *args) -> None:
+    """``load_state_dict`` pre-hook: map top-level ``comet_memory.*`` keys (the layout before `CometModel`) onto
+    ``model.comet_memory.*``, so that old checkpoints and memory-weight files still load."""
+    legacy = prefix + _LEGACY_MEMORY_PREFIX
+    for key in [k for k in state_dict if k.startswith(legacy)]:
+        state_dict[prefix + _MEMORY_PREFIX + key[len(legacy) :]] = state_dict.pop(key)
 
 
 __all__ = [
@@ -923,11 +1232,13 @@ __all__ = [
     "CometLayerMemory",
     "CometMemory",
     "CometMemoryState",
+    "CometModel",
     "CometPreTrainedModel",
     "CometWindowLayout",
 ]
 
 # Saving writes these classes' files into the checkpoint and an auto_map to them, so that
-# AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) works without this package.
+# AutoModel / AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) work without this package.
 CometConfig.register_for_auto_class()
+CometModel.register_for_auto_class("AutoModel")
 CometForCausalLM.register_for_auto_class("AutoModelForCausalLM")

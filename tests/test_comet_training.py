@@ -47,7 +47,7 @@ def test_trainer_lowers_loss_and_trains_memory_at_its_own_rate(tmp_path):
         output_dir=str(tmp_path), max_steps=25, learning_rate=3e-3, per_device_train_batch_size=4,
         report_to="none", save_strategy="no", logging_steps=5, memory_lr_multiplier=5.0, use_cpu=True,
     )
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("comet_memory.")}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "comet_memory." in n}
     trainer = CometTrainer(model=model, args=args, train_dataset=data)
     optimizer = trainer.create_optimizer()
     assert [g["lr"] for g in optimizer.param_groups] == [3e-3, 3e-3 * 5.0]

@@ -52,5 +52,5 @@ def test_pipeline_over_two_ranks_matches_single_process(stride, tmp_path):
     torch.testing.assert_close(result["loss"], loss.detach(), atol=1e-5, rtol=0)
     for name, grad in expected.items():
         torch.testing.assert_close(result["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
-    memory_grads = [g for n, g in result["grads"].items() if n.startswith("comet_memory.")]
+    memory_grads = [g for n, g in result["grads"].items() if "comet_memory." in n]
     assert memory_grads and any(g.abs().sum() > 0 for g in memory_grads)

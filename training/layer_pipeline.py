@@ -90,16 +90,19 @@ def layer_pipeline_loss(
     first = sum(sizes[:rank])
     mine = bounds[first : first + sizes[rank]]
 
-    embeds = model.model.embed_tokens(input_ids)
-    all_valid = torch.ones(B, L, dtype=torch.bool, device=embeds.device)
-    folded = torch.ones(B, dtype=torch.bool, device=embeds.device)
-    first_state = CometMemoryState.empty(config, B, embeds.dtype, embeds.device)
+    backbone = model.model
+    device, dtype = input_ids.device, backbone.embed_tokens.weight.dtype
+    all_valid = torch.ones(B, L, dtype=torch.bool, device=device)
+    folded = torch.ones(B, dtype=torch.bool, device=device)
+    first_state = CometMemoryState.empty(config, B, dtype, device)
     for _ in range(first):  # the slots valid at this rank's first chunk depend only on its index
-        first_state.global_valid, first_state.temp_valid = model._fold_validity(first_state, folded)
-    hiddens, chunks, states = model._layer_major_chunks(embeds, all_valid, mine, L, first_state)
+        first_state.global_valid, first_state.temp_valid = backbone._fold_validity(first_state, folded)
+    hiddens, chunks, states = backbone._layer_major_chunks(
+        lambda i, start, end: backbone.embed_tokens(input_ids[:, start:end]), all_valid, mine, L, first_state
+    )
 
     with_temp = config.use_temp_memory
-    anchor = embeds.sum() * 0  # gives the receive node a place in the graph
+    anchor = hiddens[0].sum() * 0  # gives the receive node a place in the graph
     tokens = []
     for layer in range(config.base_config.num_hidden_layers):
         if rank > 0:
@@ -107,19 +110,19 @@ def layer_pipeline_loss(
             states[0].global_state[layer], states[0].global_memory[layer] = received[0], received[1]
             if with_temp:
                 states[0].temp_memory[layer] = received[2]
-        model._layer_over_chunks(layer, hiddens, chunks, states, mine, L)
+        backbone._layer_over_chunks(layer, hiddens, chunks, states, mine, L)
         if rank < world - 1:
             tokens.append(_SendToNext.apply(rank + 1, group, *_layer_tensors(states[-1], layer, with_temp)))
 
     shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
-    loss_sum = embeds.new_zeros(())
+    loss_sum = anchor.new_zeros(())
     for i, (start, end) in enumerate(mine):
-        text = model.model.norm(hiddens[i][:, P : P + end - start])
+        text = backbone.norm(hiddens[i][:, P : P + end - start])
         logits = model.lm_head(text).float()
         loss_sum = loss_sum + F.cross_entropy(logits.flatten(0, 1), shifted[:, start:end].flatten(), ignore_index=-100,
                                               reduction="sum")
     count = (shifted != -100).sum().clamp(min=1)
-    return loss_sum / count + sum(tokens, embeds.new_zeros(()))
+    return loss_sum / count + sum(tokens, anchor.new_zeros(()))
 
 
 def all_reduce_gradients(model: torch.nn.Module, group=None) -> None:
