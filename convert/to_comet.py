@@ -38,7 +38,6 @@ KEY_TABLE = [
     (re.compile(r"^lm_head\.weight$"), "lm_head.weight"),
 ]
 NEW_KEY_PREFIX = "comet_memory."
-CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "hub_cards" / "comet.md"
 
 
 def map_base_key(key: str) -> str:
@@ -62,17 +61,13 @@ def check_key_mapping(base_state: dict, comet_state: dict, tied: bool) -> None:
 
 
 def render_model_card(config, base_model: str, model_name: str, training_note: str, repo_hint: str) -> str:
-    fields = {name: getattr(config, name) for name in (
-        "chunk_size", "global_mem_size", "temp_beacon_stride", "temp_mem_budget", "adapter_rank", "position_layout"
-    )}
-    return CARD_TEMPLATE.read_text().format(
-        base_model=base_model,
-        model_name=model_name,
-        license="apache-2.0",
-        training_note=training_note,
-        repo_hint=repo_hint,
-        **fields,
-    )
+    """The checkpoint's card (`convert.cards`); `convert.publish` renders it again with the repo id and results."""
+    from .cards import base_model_info, render_card
+
+    base = base_model_info(base_model, required=False)
+    card = render_card(config, base, model_name=model_name, repo_id=repo_hint, training_note=training_note,
+                       require_hub_metadata=False)
+    return str(card)
 
 
 @torch.no_grad()
