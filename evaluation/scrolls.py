@@ -5,8 +5,10 @@ Data comes through ``datasets``: the Hub dataset ``tau/scrolls`` online, or loca
 are one example with several references. SCROLLS puts the query (if any) before the document, so an
 input longer than the token budget is cut at its end and the query survives.
 
-Metrics (see ``evaluation.scrolls_metrics``): geometric mean of ROUGE-1/2/L F1 for GovReport,
-SummScreenFD and QMSum; token F1 for Qasper and NarrativeQA; exact match for QuALITY and ContractNLI.
+Metrics (see ``evaluation.scrolls_metrics``), as the official scorer computes them: geometric mean of
+ROUGE-1/2/L F1 for GovReport, SummScreenFD and QMSum (ROUGE-Lsum reported too, on sentence-split text);
+token F1 for Qasper and NarrativeQA; exact match for QuALITY and ContractNLI; aggregates rounded to 4
+decimals. With all seven tasks the SCROLLS score (their mean) is reported as well.
 
 Usage::
 
@@ -37,7 +39,7 @@ from .common import (
     run_cli,
     special_token_id,
 )
-from .scrolls_metrics import score_examples
+from .scrolls_metrics import SCROLLS_TASKS, score_examples, scrolls_score, sentence_splitter
 
 HUB_DATASET = "tau/scrolls"
 
@@ -265,20 +267,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         results[task]["max_input_tokens"] = budget
         results[task]["data"] = data_files.get(task, f"{HUB_DATASET}:{task}:{args.split}")
+    scores = {task: result["metrics"]["score"] for task, result in results.items()}
+    overall = scrolls_score(scores)
     payload = {
         "model": args.model,
         "model_type": getattr(model.config, "model_type", None),
         "chunked_forward": is_comet(model),
         "split": args.split,
+        "max_examples": args.max_examples,
         "seconds": round(time.time() - start, 1),
-        "scores": {task: result["metrics"]["score"] for task, result in results.items()},
+        "scores": scores,
+        # Mean of the seven tasks' scores, as the official benchmark evaluator computes it; null unless all seven
+        # were scored (and only comparable to the leaderboard on full splits, i.e. without --max-examples).
+        "scrolls_score": overall,
+        "rouge_sentence_splitter": (
+            sentence_splitter()[1] if any(TASKS[task].metric == "rouge" for task in results) else None
+        ),
         "tasks": results,
     }
     output_dir = Path(args.output_dir)
     atomic_write_json(output_dir / "scrolls.json", payload)
-    plot(results, f"SCROLLS ({args.split}): {args.model}", output_dir / "scrolls.png")
-    for task, score in payload["scores"].items():
+    title = f"SCROLLS ({args.split}): {args.model}"
+    if overall is not None:
+        title += f" — SCROLLS score {overall:.2f}"
+    plot(results, title, output_dir / "scrolls.png")
+    for task, score in scores.items():
         print(f"{task}: {score:.2f} ({TASKS[task].metric}, {len(results[task]['examples'])} examples)")
+    if overall is not None:
+        print(f"SCROLLS score (mean of the {len(SCROLLS_TASKS)} tasks): {overall:.4f}")
     print(f"wrote {output_dir / 'scrolls.json'} and .png")
     return payload
 
