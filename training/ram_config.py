@@ -48,6 +48,12 @@ class RamTrainingConfig(TrainingArguments):
             LoRA rank and scaling.
         lora_target_modules (`str`, *optional*):
             Regular expression of the decoder modules LoRA adapts (full-match on module names).
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Allow `model_name_or_path` to run modelling code from its folder or repo. Off by default: a RAM checkpoint
+            loads with this package's own classes, and the embedded default needs no remote code.
+        resume_from_checkpoint (`str`, *optional*):
+            `latest` continues from the newest checkpoint in `output_dir`, a path from that checkpoint. Without it a
+            run refuses an `output_dir` that already holds checkpoints, rather than overwriting them.
         contrastive_only (`bool`, *optional*, defaults to `False`):
             Train the encoder's relevance alone: the decoder is skipped and the loss is `lambda * L_con` (a cheap
             warm-up, or all a tight compute budget allows).
@@ -72,6 +78,7 @@ class RamTrainingConfig(TrainingArguments):
         default=r"decoder\..*\.(q_proj|k_proj|v_proj|o_proj)",
         metadata={"help": "regex (full match) of decoder modules adapted by LoRA"},
     )
+    trust_remote_code: bool = field(default=False, metadata={"help": "let model_name_or_path run its own code"})
     contrastive_only: bool = field(default=False, metadata={"help": "skip the decoder, train relevance only"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "RAM batches carry custom columns"})
 

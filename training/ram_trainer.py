@@ -4,6 +4,10 @@ Usage::
 
     python -m training.ram_trainer --train_file data.jsonl --output_dir outputs/ram --max_steps 200
     python -m training.ram_trainer --config ram.yaml
+    python -m training.ram_trainer ... --resume_from_checkpoint latest   # continue a killed run exactly
+
+A run never overwrites the checkpoints of an earlier one (see `training.comet_trainer.resolve_resume`), and a
+model path runs its own modelling code only with `--trust_remote_code`.
 
 The model's own forward runs (we subclass `Trainer`, not TRL's `SFTTrainer`, whose fused LM head would skip the
 encoder and the contrastive term).
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, set_seed
 
 from modeling_comet.modeling_ram import RamForCausalLM
 from training.ram_config import RamTrainingConfig
@@ -152,12 +156,14 @@ def build_model(config: RamTrainingConfig):
 
         path = str(smollm2_path())
     ram_fields = {name: getattr(config, name) for name in RAM_FIELDS}
-    if AutoConfig.from_pretrained(path, trust_remote_code=True).model_type == "ram":
+    trust = config.trust_remote_code
+    if AutoConfig.from_pretrained(path, trust_remote_code=trust).model_type == "ram":
         overrides = {name: ram_fields[name] for name in ("keep_ratio", "position_layout", "contrastive_temperature",
                                                           "contrastive_weight")}
         model = RamForCausalLM.from_pretrained(path, dtype=torch.float32, **overrides)
     else:
-        model = RamForCausalLM.from_base(path, **ram_fields)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust)
+        model = RamForCausalLM.from_base(base, **ram_fields)
     return apply_finetuning(model, config)
 
 
@@ -197,12 +203,18 @@ def parse_config(argv: list[str] | None = None) -> RamTrainingConfig:
 def main(argv: list[str] | None = None) -> None:
     from datasets import load_dataset
 
+    from training.comet_trainer import resolve_resume
+
     config = parse_config(argv)
     if config.train_file is None:
         raise ValueError("--train_file is required (NQ-style JSONL with question, answers, ctxs)")
+    if not Path(config.train_file).is_file():
+        raise FileNotFoundError(f"--train_file {config.train_file}: no such file")
+    resume = resolve_resume(config)  # before the model loads: refuse to overwrite an earlier run's checkpoints
+    set_seed(config.seed)  # the new encoder/alignment and LoRA weights are drawn here, before Trainer seeds
     model = build_model(config)
     tokenizer_path = config.model_name_or_path or model.config.name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=config.trust_remote_code)
     segment_size = model.config.segment_size
     dataset = load_dataset("json", data_files=config.train_file, split="train")
     dataset = dataset.map(
@@ -214,13 +226,17 @@ def main(argv: list[str] | None = None) -> None:
     trainer = RamTrainer(
         model=model, args=config, train_dataset=dataset, data_collator=RamDataCollator(pad_token_id=pad_token_id)
     )
-    trainer.train()
+    if resume:
+        print(f"resuming from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config.output_dir)
     tokenizer.save_pretrained(config.output_dir)
 
 
 if __name__ == "__main__":
-    main()
+    from evaluation.common import run_cli
+
+    run_cli(main)
 
 
 __all__ = [
