@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-samples", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path("results/comet_lm_loss.json"))
+    parser.add_argument(
+        "--trust-remote-code", "--trust_remote_code", action="store_true",
+        help="let a --comet folder run its own modelling code (a CoMeT checkpoint loads with this package's classes)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
@@ -49,7 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     samples = [torch.tensor([row]) for row in data.select(range(args.eval_samples))["input_ids"]]
 
     base = AutoModelForCausalLM.from_pretrained(smollm2_path()).eval()
-    models = {folder: AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval() for folder in args.comet}
+    models = {folder: AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=args.trust_remote_code).eval()
+              for folder in args.comet}
     chunk = next(iter(models.values())).config.chunk_size
     scores: dict[str, list[float]] = {"full_attention": [], "chunk_local": [], **{f: [] for f in models}}
     with torch.no_grad():

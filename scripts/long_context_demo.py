@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--question", default="Which programming language is this documentation about? Answer briefly.")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--trust-remote-code", "--trust_remote_code", action="store_true",
+        help="let --model run modelling code from its folder (a CoMeT checkpoint loads with this package's classes)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.tokens < 1:
         parser.error("--tokens must be positive")
@@ -58,8 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
 
     folder = args.model or comet_default_path()
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    trust = args.trust_remote_code or args.model is None  # our own default checkpoint may run its own code
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust, dtype=torch.float32).eval()
     ids = build_prompt_ids(tokenizer, args.tokens, args.question)
     rss_loaded = peak_rss_mib()
     print(f"model: {folder}\ninput: {ids.shape[1]} tokens (base context {model.config.base_config.max_position_embeddings})")
