@@ -1046,6 +1046,13 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
             ]
         return loaded
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Name the backbone in the checkpoint's auto_map too: AutoModel.from_pretrained(folder) then loads CometModel.
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.setdefault("AutoModel", f"{type(self).__module__.rsplit('.', 1)[-1]}.CometModel")
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @torch.no_grad()
     def _init_special_embeddings(self) -> None:
         """Start beacons and readouts near the mean token embedding, where the base model expects its inputs."""
