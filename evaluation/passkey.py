@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .common import (
     add_model_arguments,
+    add_output_arguments,
     atomic_save_figure,
     atomic_write_json,
     is_comet,
@@ -37,6 +38,7 @@ from .common import (
     max_positions,
     model_device,
     model_label,
+    prepare_output,
     pyplot,
     run_cli,
     special_token_id,
@@ -103,16 +105,26 @@ def extract_key(text: str) -> str | None:
 
 @torch.inference_mode()
 def generate_answer(model: torch.nn.Module, tokenizer: Any, prompt: list[int], max_new_tokens: int) -> str:
+    """Greedy answer to ``prompt``.
+
+    CoMeT first reads all but the last prompt token chunk by chunk (``model.read``), then generates from that
+    cache, which feeds only the unseen token: no forward call sees more than one chunk, so activation memory
+    stays constant at any prompt length (only the token ids grow with it). Other models get the whole prompt.
+    """
     input_ids = torch.tensor([prompt], dtype=torch.long, device=model_device(model))
     pad_id = special_token_id(tokenizer, model, "pad")
     if pad_id is None:
         pad_id = special_token_id(tokenizer, model, "eos")
+    extra = {}
+    if is_comet(model) and hasattr(model, "read") and len(prompt) > 1:
+        extra["cache"] = model.read(input_ids[:, :-1])
     output = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=pad_id,
+        **extra,
     )
     return tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True)
 
@@ -135,10 +147,12 @@ def evaluate_model(
     progress: bool = True,
     description: str = "passkey",
     on_cell: Callable[[dict[str, Any]], None] | None = None,
+    done_cells: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Accuracy per (depth, length) cell; keys are drawn from ``seed`` so every model sees the same prompts.
 
-    ``on_cell`` is called with the results so far after every cell (to save partial results).
+    ``on_cell`` is called with the results so far after every cell (to save partial results). ``done_cells``:
+    cells of an interrupted run, reused where length, depth, keys and whether the cell is scored all match.
     """
     if samples < 1:
         raise ValueError(f"Need at least one sample per cell, got {samples}.")
@@ -149,6 +163,7 @@ def evaluate_model(
     limit = max_positions(model)
     accuracy = [[None] * len(lengths) for _ in depths]  # (depths, lengths)
     cells = []
+    previous = {(cell["length"], cell["depth"]): cell for cell in done_cells or []}
     bar = tqdm(total=len(lengths) * len(depths) * samples, desc=description, disable=not progress)
     for j, length in enumerate(lengths):
         exceeds = limit is not None and length + max_new_tokens > limit
@@ -157,7 +172,14 @@ def evaluate_model(
             generator = np.random.default_rng([seed, length, int(round(depth * 10_000))])
             keys = [random_key(generator) for _ in range(samples)]
             cell = {"length": length, "depth": depth, "keys": keys, "exceeds_max_positions": exceeds}
-            if exceeds and not score_beyond_max_positions:
+            skipped = exceeds and not score_beyond_max_positions
+            stored = previous.get((length, depth))
+            if stored is not None and stored.get("keys") == keys and (stored.get("answers") is None) == skipped:
+                cells.append(stored)  # finished in an earlier, interrupted run
+                accuracy[i][j] = stored.get("accuracy")
+                bar.update(samples)
+                continue
+            if skipped:
                 cell.update(answers=None, correct=None, accuracy=None)
                 bar.update(samples)
             else:
@@ -253,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(parser)
     parser.add_argument("--output-dir", required=True, help="folder for passkey.json and passkey.png")
+    add_output_arguments(parser)
     parser.add_argument(
         "--lengths", nargs="+", type=parse_length, default=[1024, 2048, 4096, 8000], help="prompt lengths in tokens"
     )
@@ -279,7 +302,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"--max-new-tokens must be at least {KEY_DIGITS}, got {args.max_new_tokens}.")
 
     output_dir = Path(args.output_dir)
-    results, seconds = {}, {}
+    prompt_text = {"instruction": INSTRUCTION, "filler": FILLER, "needle": NEEDLE, "question": QUESTION}
+    settings = {"lengths": lengths, "depths": depths, "samples": args.samples, "seed": args.seed,
+                "max_new_tokens": args.max_new_tokens, "prompt": prompt_text}  # fmt: skip
+    partial = prepare_output(output_dir, "passkey.json", settings, args.overwrite)  # before any model loads
+    earlier = partial["models"] if partial is not None else {}
+    results = {name: result for name, result in earlier.items() if name not in args.model}  # nothing is dropped
+    seconds = {name: result.get("seconds") for name, result in results.items()}
 
     def payload(complete: bool) -> dict[str, Any]:
         return {
@@ -289,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "samples": args.samples,
             "seed": args.seed,
             "max_new_tokens": args.max_new_tokens,
-            "prompt": {"instruction": INSTRUCTION, "filler": FILLER, "needle": NEEDLE, "question": QUESTION},
+            "prompt": prompt_text,
             "models": results,
         }
 
@@ -298,6 +327,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         atomic_write_json(output_dir / "passkey.json", payload(complete=False))
 
     for name in args.model:
+        if "seconds" in earlier.get(name, {}):  # this model finished in an earlier, interrupted run
+            results[name], seconds[name] = earlier[name], earlier[name]["seconds"]
+            print(f"{name}: kept from {output_dir / 'passkey.json'}")
+            continue
         start = time.time()
         model, tokenizer = load_model_and_tokenizer(name, args.trust_remote_code, args.dtype, args.device)
         results[name] = evaluate_model(
@@ -312,9 +345,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             progress=not args.no_progress,
             description=f"passkey {model_label(name)}",
             on_cell=lambda partial, name=name: save_partial(name, partial),
+            done_cells=earlier.get(name, {}).get("cells"),
         )
         results[name]["model_type"] = getattr(model.config, "model_type", None)
         results[name]["seconds"] = seconds[name] = round(time.time() - start, 1)
+        atomic_write_json(output_dir / "passkey.json", payload(complete=False))  # this model is finished
         del model
 
     final = payload(complete=True)

@@ -136,6 +136,24 @@ class RecallOrEvenLM(_OneHotLM):
         return torch.where(right, following, (following + 1) % self.config.vocab_size)
 
 
+def tiny_comet(vocab_size: int = len(SPECIAL_TOKENS) + len(string.printable), chunk_size: int = 256, seed: int = 0):
+    """A CoMeT model on a random two-layer Llama (hidden 64) whose vocabulary fits ``char_tokenizer``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modeling_comet import CometForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=vocab_size, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+        pad_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(config).eval()
+    return CometForCausalLM.from_base(
+        base, chunk_size=chunk_size, global_mem_size=4, temp_beacon_stride=16, temp_mem_budget=32
+    ).eval()
+
+
 def markov_corpus(num_tokens: int, vocab_size: int = 50, first_id: int = 3, seed: int = 0) -> torch.Tensor:
     """A token stream from a random sparse Markov chain (ids >= ``first_id``, so never BOS/EOS)."""
     generator = torch.Generator().manual_seed(seed)

@@ -1,11 +1,12 @@
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from evaluation import passkey
-from tests.evaluation_helpers import BigramLM, InductionLM, TinyConfig, char_tokenizer
+from tests.evaluation_helpers import BigramLM, InductionLM, TinyConfig, char_tokenizer, tiny_comet
 
 LENGTHS = [300, 450]
 DEPTHS = [0.0, 0.5, 1.0]
@@ -116,3 +117,41 @@ def test_depth_grid():
     assert passkey.depth_grid(5) == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert passkey.depth_grid(1) == [0.5]
     assert np.isclose(sum(passkey.depth_grid(3)), 1.5)
+
+
+def test_comet_reads_a_128k_prompt_one_chunk_at_a_time(tokenizer):
+    """CoMeT prompts are read chunk by chunk, so a 128k-token cell runs with one chunk of activations at a time."""
+    model = tiny_comet(chunk_size=256)
+    seen = []  # tokens fed to each forward call
+    forward = model.forward
+
+    def recording_forward(*args, **kwargs):
+        seen.append((kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).shape[1])
+        return forward(*args, **kwargs)
+
+    model.forward = recording_forward
+    result = passkey.evaluate_model(model, tokenizer, [4096, 131072], [0.5], progress=False)
+    assert result["max_positions"] is None and result["chunked_forward"]
+    assert [cell["exceeds_max_positions"] for cell in result["cells"]] == [False, False]
+    assert all(isinstance(cell["answers"][0], str) and cell["accuracy"] in (0.0, 1.0) for cell in result["cells"])
+    assert max(seen) == 256  # never more than one chunk, whatever the prompt length
+    # read(): all but the last prompt token, 256 at a time; generate(): one forward per new token (10 per cell).
+    assert len(seen) == math.ceil(4095 / 256) + math.ceil(131071 / 256) + 2 * 10
+    # Reading first gives exactly the tokens generate() gives on the whole prompt at once.
+    prompt = passkey.PasskeyPrompt.from_tokenizer(tokenizer).build("12345", 4096, 0.5)
+    ids = torch.tensor([prompt])
+    model.forward = forward
+    whole = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+    expected = tokenizer.decode(whole[0, 4096:], skip_special_tokens=True)
+    assert len(expected) == 10 and passkey.generate_answer(model, tokenizer, prompt, 10) == expected
+
+
+def test_lengths_up_to_128k_are_accepted_and_marked_beyond_positions(tokenizer):
+    args = passkey.build_parser().parse_args(["--model", "m", "--output-dir", "o", "--lengths", "1k", "128k"])
+    assert args.lengths == [1024, 131072]
+    prompt = passkey.PasskeyPrompt.from_tokenizer(tokenizer).build("12345", 131072, 0.25)
+    assert len(prompt) == 131072
+    model = InductionLM(TinyConfig(max_position_embeddings=8192))
+    result = passkey.evaluate_model(model, tokenizer, [300, 131072], [0.5], progress=False)
+    assert result["accuracy"] == [[1.0, None]] and result["cells"][1]["exceeds_max_positions"]
+    assert max(model.forward_lengths) < 8192  # the 128k cell was marked, not run
