@@ -40,6 +40,7 @@ from transformers import AutoTokenizer
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from .cards import BaseModelInfo, base_model_info, render_card
+from .to_comet import looks_like_path
 
 # Packages of this project: the built folder must load in a process where none of them can be imported.
 PROJECT_PACKAGES = ("modeling_comet", "training", "convert", "evaluation", "benchmarks")
@@ -96,20 +97,27 @@ def _section(markdown: str, title: str) -> str | None:
 
 
 def card_inputs(src: Path, config: dict, options: PublishOptions) -> tuple[BaseModelInfo, str | None, list[str]]:
-    """Base model, training note and datasets: the options first, then SRC's own card, then the base itself."""
+    """Base model, training note and datasets: the options first, then SRC's own card, then the base itself.
+
+    A `base_model` in SRC's card that is a local path (cards written before publishing) is resolved like the base
+    folder recorded in the config (`convert.cards.base_model_info`): it never reaches the published card.
+    """
     existing = ModelCard.load(src / "README.md") if (src / "README.md").is_file() else None
     data = existing.data if existing is not None else None
-    base_path = (config.get("base_config") or {}).get("_name_or_path")
-    repo_id = options.base_model_id or (data.base_model if data is not None else None)
-    license = options.license or (data.license if data is not None else None)
-    if base_path and (repo_id is None or license is None):
-        found = base_model_info(base_path, required=False)
-        repo_id, license = repo_id or found.repo_id, license or found.license
-        language = found.language
-    else:
-        language = []
-    if data is not None and data.language:
-        language = [data.language] if isinstance(data.language, str) else list(data.language)
+    card_base = data.base_model if data is not None else None
+    card_base = card_base[0] if isinstance(card_base, list) and card_base else card_base
+    repo_id, license, language = options.base_model_id, options.license, []
+    if data is not None:
+        license = license or data.license
+        if data.language:
+            language = [data.language] if isinstance(data.language, str) else list(data.language)
+    if repo_id is None and card_base and not looks_like_path(str(card_base)):
+        repo_id = card_base
+    for candidate in (card_base, (config.get("base_config") or {}).get("_name_or_path")):
+        if candidate and (repo_id is None or license is None or not language):
+            found = base_model_info(candidate, required=False)
+            repo_id, license = repo_id or found.repo_id, license or found.license
+            language = language or found.language
     if repo_id is None:
         raise ValueError(
             f"cannot tell the base model's Hub repo id for {src} (its card and config do not say): pass --base-model-id"
