@@ -132,6 +132,63 @@ def atomic_write_json(path: str | Path, payload: dict) -> Path:
     return path
 
 
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite``: what an entry point that resumes its result (see `prepare_output`) takes besides its folder."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh, replacing a complete result or a partial one of other settings in --output-dir",
+    )
+
+
+def _json_value(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def prepare_output(
+    output_dir: str | Path, file_name: str, settings: dict[str, Any], overwrite: bool = False
+) -> dict[str, Any] | None:
+    """Check an evaluation's output folder before any model loads; return the partial result to resume, if any.
+
+    * ``output_dir`` must be a folder that can be written (it is created if missing);
+    * a complete result (``"complete": true``) in ``output_dir / file_name`` is kept: `FileExistsError`
+      unless ``overwrite``;
+    * a partial result (``"complete": false``) whose ``settings`` keys hold the same values is returned, so
+      that the caller skips what it already holds; one of other settings, or a file that is not a JSON result,
+      is kept (`FileExistsError`) unless ``overwrite``.
+
+    With ``overwrite`` the old file stays until the new run's first save replaces it.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output-dir {output_dir} exists and is not a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=output_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise PermissionError(f"--output-dir {output_dir} cannot be written: {error.strerror or error}") from None
+    path = output_dir / file_name
+    if overwrite or not path.exists():
+        return None
+    hint = "pass --overwrite to replace it, or choose another --output-dir"
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        stored = None
+    if not isinstance(stored, dict) or not isinstance(stored.get("complete"), bool):
+        raise FileExistsError(f"{path} exists and is not a result of this evaluation; {hint}")
+    if stored["complete"]:
+        raise FileExistsError(f"{path} holds a complete result; {hint}")
+    wanted = _json_value(settings)
+    differing = [key for key in wanted if stored.get(key) != wanted[key]]
+    if differing:
+        details = ", ".join(f"{key}: {stored.get(key)!r} there, {wanted[key]!r} now" for key in differing)
+        raise FileExistsError(f"{path} holds a partial result of other settings ({details}); {hint}")
+    return stored
+
+
 def atomic_save_figure(figure: Any, path: str | Path, dpi: int = 120) -> Path:
     """Save a matplotlib figure as PNG through a temporary sibling, then close the figure."""
     path = Path(path)
@@ -171,6 +228,7 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (
     FileExistsError,
     NotADirectoryError,
     IsADirectoryError,
+    PermissionError,
 )
 
 

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .common import (
     add_model_arguments,
+    add_output_arguments,
     atomic_save_figure,
     atomic_write_json,
     is_comet,
@@ -52,6 +53,7 @@ from .common import (
     load_model_and_tokenizer,
     max_positions,
     model_device,
+    prepare_output,
     pyplot,
     run_cli,
     special_token_id,
@@ -264,12 +266,14 @@ def measure(
     on_length: Callable[[list[int], dict[str, list[list[float]]]], None] | None = None,
     protocol: str = "default",
     eos_id: int | None = None,
+    done: dict[str, list[list]] | None = None,
 ) -> dict[str, list[list[float]]]:
     """Copy and LM accuracies, ``samples`` per length, with the same X for both (a paired design).
 
     Returns ``{"copy", "lm", "x_start", "r_start"}``, one row per length: the accuracies and where X and R
     start in ``corpus``. ``protocol="paper"`` needs ``eos_id``. ``on_length`` is called with the lengths done
-    so far and their rows (to save partial results).
+    so far and their rows (to save partial results). ``done``: rows of the first lengths from an interrupted run
+    (the same keys), reused after checking that the same spans are drawn again, so a resumed run is identical.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"Unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}.")
@@ -285,8 +289,22 @@ def measure(
     device = model_device(model)
     rows: dict[str, list[list]] = {"copy": [], "lm": [], "x_start": [], "r_start": []}
     bar = tqdm(total=len(lengths) * samples, desc=f"forgetting curve ({protocol})", disable=not progress)
+    finished = len(done["copy"]) if done else 0
     for index, length in enumerate(lengths):
         copy_row, lm_row, x_row, r_row = [], [], [], []
+        if index < finished:  # drawn again (the draws of later lengths depend on it), not scored again
+            for sample in range(samples):
+                if protocol == "paper":
+                    spans = paper_starts[index][sample], len(corpus) - length
+                else:
+                    spans = sample_spans(len(corpus), length, generator)
+                stored = tuple(done[key][index][sample] for key in ("x_start", "r_start") if key in done)
+                if len(done["copy"][index]) != samples or stored != tuple(spans)[: len(stored)]:
+                    raise ValueError(f"The partial result at L={length} was drawn differently; rerun with --overwrite.")
+            for key, row in zip(rows, (done["copy"], done["lm"], done.get("x_start"), done.get("r_start")), strict=True):
+                rows[key].append(list(row[index]) if row is not None else [])
+            bar.update(samples)
+            continue
         for sample in range(samples):
             if protocol == "paper":
                 x_start, r_start = paper_starts[index][sample], len(corpus) - length
@@ -435,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="local folder, Hub repo id, 'smollm2' or 'smollm2-comet'")
     add_model_arguments(parser)
     parser.add_argument("--output-dir", required=True, help="folder for forgetting_curve.json and .png")
+    add_output_arguments(parser)
     parser.add_argument(
         "--protocol",
         choices=PROTOCOLS,
@@ -509,6 +528,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     texts = load_corpus_texts(
         args.dataset, args.dataset_config, args.split, args.text_field, args.text_files, args.title_field
     )
+    corpus_name = args.dataset or (args.text_files and [str(name) for name in args.text_files]) or "pydoc_data.topics"
+    output_dir = Path(args.output_dir)
+    settings = {"model": args.model, "protocol": args.protocol, "corpus": corpus_name, "grid": grid,
+                "lengths": lengths, "samples": args.samples, "seed": args.seed}  # fmt: skip
+    partial = prepare_output(output_dir, "forgetting_curve.json", settings, args.overwrite)  # before the model loads
+    done = None
+    if partial is not None and partial.get("per_length"):
+        done = {key: [row[key] for row in partial["per_length"]] for key in ("copy", "lm", "x_start", "r_start")
+                if all(key in row for row in partial["per_length"])}  # fmt: skip
+        print(f"resuming: {len(done['copy'])} of {len(lengths)} lengths already measured in {output_dir}")
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model, args.trust_remote_code, args.dtype, args.device)
@@ -535,7 +564,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         corpus = tokenize_corpus(tokenizer, texts, max_tokens=max(8 * max(lengths), 100_000))
 
     train_length = args.train_length if args.train_length is not None else max_positions(model)
-    output_dir = Path(args.output_dir)
     start = time.time()
 
     def record(done: list[int], accuracies: dict[str, list[list[float]]], complete: bool) -> dict[str, Any]:
@@ -546,9 +574,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "chunked_forward": is_comet(model),
             "bos_token_id": bos_id,
             "eos_token_id": eos_id,
-            "corpus": args.dataset
-            or (args.text_files and [str(name) for name in args.text_files])
-            or "pydoc_data.topics",
+            "corpus": corpus_name,
             "corpus_tokens": len(corpus),
             "grid": grid,
             "lengths": lengths,
@@ -564,7 +590,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         on_length=lambda done, partial: atomic_write_json(
             output_dir / "forgetting_curve.json", record(done, partial, complete=False)
         ),
-        protocol=args.protocol, eos_id=eos_id,
+        protocol=args.protocol, eos_id=eos_id, done=done,
     )  # fmt: skip
     result = record(lengths, accuracies, complete=True)
     atomic_write_json(output_dir / "forgetting_curve.json", result)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,14 @@ from tqdm.auto import tqdm
 
 from .common import (
     add_model_arguments,
+    add_output_arguments,
     atomic_save_figure,
     atomic_write_json,
     is_comet,
     load_model_and_tokenizer,
     max_positions,
     model_device,
+    prepare_output,
     pyplot,
     run_cli,
     special_token_id,
@@ -166,23 +169,35 @@ def evaluate_task(
     max_input_tokens: int | None,
     max_new_tokens: int | None = None,
     progress: bool = True,
+    done: list[dict[str, Any]] | None = None,
+    on_example: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
+    """Generate and score every example. ``on_example`` gets the records so far after each prediction (to save
+    them); ``done``: records of an interrupted run, reused for examples with the same id, prompt and references."""
     task = TASKS[name]
     new_tokens = max_new_tokens or task.max_new_tokens
+    previous = {record["id"]: record for record in done or []}
     predictions, records = [], []
     for example in tqdm(examples, desc=f"scrolls {name}", disable=not progress):
         prompt, truncated = build_prompt(tokenizer, task, example["input"], max_input_tokens)
-        prediction = postprocess(task, generate(model, tokenizer, prompt, new_tokens))
-        predictions.append(prediction)
-        records.append(
-            {
+        record = previous.get(example["id"])
+        if record is None or record.get("prompt_tokens") != len(prompt) or record.get("references") != list(
+            example["references"]
+        ):
+            prediction = postprocess(task, generate(model, tokenizer, prompt, new_tokens))
+            record = {
                 "id": example["id"],
                 "prompt_tokens": len(prompt),
                 "truncated": truncated,
                 "prediction": prediction,
                 "references": example["references"],
             }
-        )
+        else:
+            record = {key: value for key, value in record.items() if key != "scores"}
+        predictions.append(record["prediction"])
+        records.append(record)
+        if on_example is not None:
+            on_example(records)
     metrics, per_example = score_examples(task.metric, predictions, [example["references"] for example in examples])
     for record, scores in zip(records, per_example, strict=True):
         record["scores"] = scores
@@ -227,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="local folder, Hub repo id, 'smollm2' or 'smollm2-comet'")
     add_model_arguments(parser)
     parser.add_argument("--output-dir", required=True, help="folder for scrolls.json and scrolls.png")
+    add_output_arguments(parser)
     parser.add_argument("--tasks", nargs="+", default=["all"], help=f"'all' or some of: {', '.join(TASKS)}")
     parser.add_argument("--split", default="validation", help="split to score (the test split has no references)")
     parser.add_argument(
@@ -255,22 +271,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         task: load_examples(task, args.split, data_files.get(task))[: args.max_examples] for task in tasks
     }
 
+    output_dir = Path(args.output_dir)
+    settings = {"model": args.model, "split": args.split, "max_examples": args.max_examples,
+                "requested": {"tasks": tasks, "max_input_tokens": args.max_input_tokens,
+                              "max_new_tokens": args.max_new_tokens, "data_files": data_files}}  # fmt: skip
+    partial = prepare_output(output_dir, "scrolls.json", settings, args.overwrite)  # before the model loads
+    earlier = partial.get("tasks", {}) if partial is not None else {}
+
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model, args.trust_remote_code, args.dtype, args.device)
     start = time.time()
     results = {}
+
+    def save_partial(task: str, records: list[dict[str, Any]]) -> None:
+        tasks_so_far = {**results, task: {"examples": records}}
+        atomic_write_json(output_dir / "scrolls.json", {"complete": False, **settings, "tasks": tasks_so_far})
+
     for task, examples in datasets_by_task.items():
         new_tokens = args.max_new_tokens or TASKS[task].max_new_tokens
         budget = input_budget(model, args.max_input_tokens, new_tokens)
         results[task] = evaluate_task(
-            model, tokenizer, task, examples, budget, args.max_new_tokens, progress=not args.no_progress
-        )
+            model, tokenizer, task, examples, budget, args.max_new_tokens, progress=not args.no_progress,
+            done=earlier.get(task, {}).get("examples"), on_example=lambda records, task=task: save_partial(task, records),
+        )  # fmt: skip
         results[task]["max_input_tokens"] = budget
         results[task]["data"] = data_files.get(task, f"{HUB_DATASET}:{task}:{args.split}")
     scores = {task: result["metrics"]["score"] for task, result in results.items()}
     overall = scrolls_score(scores)
     payload = {
-        "model": args.model,
+        "complete": True,
+        **settings,
         "model_type": getattr(model.config, "model_type", None),
         "chunked_forward": is_comet(model),
         "split": args.split,
@@ -285,7 +315,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         "tasks": results,
     }
-    output_dir = Path(args.output_dir)
     atomic_write_json(output_dir / "scrolls.json", payload)
     title = f"SCROLLS ({args.split}): {args.model}"
     if overall is not None:

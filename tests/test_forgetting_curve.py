@@ -146,7 +146,7 @@ def test_command_line_writes_json_and_png(tmp_path):
     assert (out / "forgetting_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(out.glob("*.tmp"))
     with pytest.raises(ValueError, match="exceeds the model's 200 positions"):
-        fc.main(args + ["--max-length", "120"])
+        fc.main(args + ["--max-length", "120", "--overwrite"])
     with pytest.raises(FileNotFoundError):
         fc.main(["--model", str(model_dir), "--output-dir", str(out), "--max-length", "16", "--text-files", "nope.txt"])
 
@@ -310,9 +310,9 @@ def test_command_line_paper_protocol(tmp_path):
         assert row["copy"] == [1.0] * 3
     assert saved["std"] == "population (ddof 0)" and saved["fine_memory_length"] == 40
     with pytest.raises(ValueError, match="2\\*99\\+3 = 201 tokens.*--max-length 98"):
-        fc.main(args + ["--protocol", "paper", "--max-length", "99"])
+        fc.main(args + ["--protocol", "paper", "--max-length", "99", "--overwrite"])
     with pytest.raises(ValueError, match="starts at 8"):
         fc.main(args + ["--protocol", "paper", "--max-length", "40", "--min-length", "16"])
     with pytest.raises(ValueError, match="N >= 3L"):
         fc.main(args[:-3] + [str(docs[0]), "--no-progress", "--protocol", "paper", "--max-length", "98",
-                             "--allow-beyond-max-positions"])  # fmt: skip
+                             "--allow-beyond-max-positions", "--overwrite"])  # fmt: skip

@@ -108,9 +108,9 @@ def test_command_line_compares_models_and_writes_outputs(tmp_path):
     assert long_keys == [cell["keys"] for cell in payload["models"][folders[1]]["cells"]]  # same prompts
     assert (out / "passkey.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="shorter than a passkey prompt"):
-        passkey.main(["--model", folders[0], "--output-dir", str(out), "--lengths", "50", "--no-progress"])
+        passkey.main(["--model", folders[0], "--output-dir", str(out), "--lengths", "50", "--no-progress", "--overwrite"])
     with pytest.raises(FileNotFoundError):
-        passkey.main(["--model", str(tmp_path / "missing"), "--output-dir", str(out), "--no-progress"])
+        passkey.main(["--model", str(tmp_path / "missing"), "--output-dir", str(out), "--no-progress", "--overwrite"])
 
 
 def test_depth_grid():

@@ -217,7 +217,8 @@ def test_command_line_on_local_fixtures(tmp_path):
     files = {"gov_report": gov, "summ_screen_fd": gov, "qmsum": gov, "qasper": qasper, "narrative_qa": qasper,
              "quality": nli, "contract_nli": nli}  # fmt: skip
     everything = scrolls.main(
-        args + ["--tasks", "all", "--max-new-tokens", "24", "--data-files", *(f"{t}={p}" for t, p in files.items())]
+        args + ["--tasks", "all", "--max-new-tokens", "24", "--data-files", *(f"{t}={p}" for t, p in files.items()),
+                "--overwrite"]
     )
     scores = everything["scores"]
     assert list(scores) == list(scrolls.TASKS) and scores["contract_nli"] == 50.0 and scores["qasper"] == 83.3333
