@@ -67,6 +67,9 @@ class CometConfig(PreTrainedConfig):
     """
 
     model_type = "comet"
+    MEMORY_FIELDS = (
+        "chunk_size", "global_mem_size", "temp_beacon_stride", "temp_mem_budget", "adapter_rank", "position_layout"
+    )
     sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
 
     base_config: dict | PreTrainedConfig | None = None
@@ -82,7 +85,15 @@ class CometConfig(PreTrainedConfig):
     use_cache: bool = True
     tie_word_embeddings: bool = False
 
+    # There is no meaningful default base: transformers must not build a default CometConfig() to diff against.
+    has_no_defaults_at_init = True
+
     def __post_init__(self, **kwargs):
+        if self.base_config is None:
+            raise ValueError(
+                "CometConfig needs base_config: the configuration of the pretrained base model (llama, mistral, qwen2, "
+                "qwen3). Build a model with CometForCausalLM.from_base(base_model_or_path, **memory_fields)."
+            )
         super().__post_init__(**kwargs)
         self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
         self.check_memory_fields()

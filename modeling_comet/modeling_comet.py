@@ -32,6 +32,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
+from transformers.generation import GenerationMode
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_comet import CometConfig, check_supported_base
@@ -228,6 +229,34 @@ class CometWindowLayout:
         return allowed[:, None]
 
 
+# A polynomial hash of the token ids a cache has read, mod a 31-bit prime so that every product fits in int64.
+# Reading an input in one call or in pieces gives the same hash, so a prompt can be checked against a cache.
+_HASH_MODULUS = 2**31 - 1
+_HASH_BASE = 1_000_003
+
+
+def _power_mod(exponent: torch.Tensor) -> torch.Tensor:
+    """``_HASH_BASE ** exponent % _HASH_MODULUS`` elementwise, by binary exponentiation."""
+    result = torch.ones_like(exponent)
+    base = torch.full_like(exponent, _HASH_BASE)
+    exponent = exponent.clone()
+    while bool((exponent > 0).any()):
+        result = torch.where((exponent & 1).bool(), result * base % _HASH_MODULUS, result)
+        base = base * base % _HASH_MODULUS
+        exponent = exponent >> 1
+    return result
+
+
+def _extend_token_hash(previous: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Hash (B,) of the ids read so far extended by ``input_ids`` (B, n); -1 (unknown) stays -1."""
+    n = input_ids.shape[1]
+    powers = _power_mod(torch.arange(n - 1, -1, -1, device=input_ids.device))
+    total = (input_ids.long() % _HASH_MODULUS * powers % _HASH_MODULUS).sum(1) % _HASH_MODULUS
+    shift = _power_mod(torch.tensor([n], device=input_ids.device))
+    extended = (previous * shift % _HASH_MODULUS + total) % _HASH_MODULUS
+    return torch.where(previous < 0, previous, extended)
+
+
 class CometCache(Cache):
     """Generation state of a CoMeT model: the memory plus a fixed-size KV buffer for the live window.
 
@@ -235,7 +264,14 @@ class CometCache(Cache):
     (memory slots, ``chunk_size`` text tokens, beacons and readouts) per layer, and the memory is a
     fixed number of vectors per layer. ``generate()``, ``pipeline()`` and beam search carry it like
     any other cache.
+
+    It is also a document state to keep: read a long document once (``model.read``), `save` it, `load` it later,
+    `copy` it for each question and `expand` it to a batch of questions. It records which model built it (a hash of
+    the configuration) and how many tokens it has read (with a hash of their ids), and refuses a different model or a
+    prompt that does not start with what it has read.
     """
+
+    _FORMAT = "comet-cache/1"
 
     def __init__(self):
         super().__init__(layers=[])
@@ -244,7 +280,9 @@ class CometCache(Cache):
         self.values: list[torch.Tensor] = []
         self.key_valid: torch.Tensor | None = None  # (B, window size)
         self.window_fill: torch.Tensor | None = None  # (B,) text tokens in the live window
+        self.token_hash: torch.Tensor | None = None  # (B,) hash of the input columns read; -1 if read as embeddings
         self.seen_tokens = 0  # input columns consumed, padding included (what generate slices by)
+        self.model_fingerprint: str | None = None  # hash of the configuration of the model that built it
         self._write_index: torch.Tensor | None = None
 
     @property
@@ -293,7 +331,47 @@ class CometCache(Cache):
         self.memory = CometMemoryState.empty(config, batch_size, dtype, device)
         self.key_valid = torch.zeros(batch_size, window_size, dtype=torch.bool, device=device)
         self.window_fill = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.token_hash = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.seen_tokens = 0
+        self.model_fingerprint = config_fingerprint(config)
+
+    def record_tokens(self, input_ids: torch.Tensor | None, length: int) -> None:
+        """Account for ``length`` input columns just read (``input_ids`` (B, length), or None for embeddings)."""
+        self.seen_tokens += length
+        if input_ids is None:
+            self.token_hash = torch.full_like(self.token_hash, -1)
+        else:
+            self.token_hash = _extend_token_hash(self.token_hash, input_ids)
+
+    def check_model(self, config: CometConfig) -> None:
+        """Raise if this cache was built by a model with a different configuration."""
+        if self.model_fingerprint is not None and self.model_fingerprint != config_fingerprint(config):
+            raise ValueError(
+                "This CometCache was built by a CoMeT model with a different configuration (memory fields or base "
+                "architecture); read the input again with this model."
+            )
+
+    def check_prompt(self, input_ids: torch.Tensor) -> None:
+        """Raise unless ``input_ids`` (B, L) starts with the tokens this cache has read and adds at least one."""
+        if not self.is_initialized:
+            return
+        if input_ids.shape[0] != self.batch_size:
+            raise ValueError(
+                f"This CometCache holds {self.batch_size} sequence(s) but the prompt has {input_ids.shape[0]}; "
+                "use cache.expand(batch_size) to ask several questions about one document."
+            )
+        if input_ids.shape[1] <= self.seen_tokens:
+            raise ValueError(
+                f"This CometCache has read {self.seen_tokens} tokens; the prompt ({input_ids.shape[1]} tokens) must "
+                "be those tokens followed by at least one new one."
+            )
+        known = self.token_hash >= 0
+        prefix = _extend_token_hash(torch.zeros_like(self.token_hash), input_ids[:, : self.seen_tokens])
+        if not torch.equal(prefix[known], self.token_hash[known]):
+            raise ValueError(
+                f"The prompt does not start with the {self.seen_tokens} tokens this CometCache has read: pass the "
+                "read tokens followed by the new ones (generate feeds only the new ones), or use a fresh cache."
+            )
 
     def nbytes(self) -> int:
         if self.memory is None:
@@ -301,14 +379,78 @@ class CometCache(Cache):
         buffers = [*self.keys, *self.values, self.key_valid, self.window_fill]
         return self.memory.nbytes() + sum(t.numel() * t.element_size() for t in buffers)
 
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        named = {"key_valid": self.key_valid, "window_fill": self.window_fill, "token_hash": self.token_hash}
+        named["global_valid"], named["temp_valid"] = self.memory.global_valid, self.memory.temp_valid
+        for field in ("global_state", "global_memory", "temp_memory"):
+            named.update({f"{field}.{i}": t for i, t in enumerate(getattr(self.memory, field))})
+        named.update({f"keys.{i}": t for i, t in enumerate(self.keys)})
+        named.update({f"values.{i}": t for i, t in enumerate(self.values)})
+        return named
+
+    @classmethod
+    def _from_tensors(cls, named: dict[str, torch.Tensor], seen_tokens: int, model_fingerprint: str | None):
+        cache = cls()
+        layers = sum(1 for k in named if k.startswith("keys."))
+
+        def stack(name):
+            return [named[f"{name}.{i}"] for i in range(layers)]
+
+        cache.memory = CometMemoryState(
+            global_state=stack("global_state"),
+            global_memory=stack("global_memory"),
+            temp_memory=stack("temp_memory"),
+            global_valid=named["global_valid"],
+            temp_valid=named["temp_valid"],
+        )
+        cache.keys, cache.values = stack("keys"), stack("values")
+        cache.key_valid, cache.window_fill, cache.token_hash = named["key_valid"], named["window_fill"], named["token_hash"]
+        cache.seen_tokens, cache.model_fingerprint = seen_tokens, model_fingerprint
+        return cache
+
+    def _mapped(self, fn) -> CometCache:
+        """A new cache with ``fn`` applied to every tensor."""
+        if not self.is_initialized:
+            return type(self)()
+        named = {name: fn(t) for name, t in self._tensors().items()}
+        return self._from_tensors(named, self.seen_tokens, self.model_fingerprint)
+
     def _apply(self, fn) -> None:
-        if self.memory is None:
-            return
-        self.memory = self.memory.map(fn)
-        self.keys = [fn(t) for t in self.keys]
-        self.values = [fn(t) for t in self.values]
-        self.key_valid = fn(self.key_valid)
-        self.window_fill = fn(self.window_fill)
+        if self.is_initialized:
+            self.__dict__.update(self._mapped(fn).__dict__)
+
+    def copy(self) -> CometCache:
+        """An independent copy, e.g. to answer several questions from one read of a document."""
+        return self._mapped(torch.clone)
+
+    def expand(self, batch_size: int) -> CometCache:
+        """A copy holding ``batch_size`` copies of this one-sequence state, for a batch of questions."""
+        if self.batch_size != 1:
+            raise ValueError(f"expand needs a one-sequence cache, this one holds {self.batch_size}")
+        return self._mapped(lambda t: t.repeat_interleave(batch_size, dim=0))
+
+    def save(self, path) -> None:
+        """Write the state to a safetensors file (restored exactly by `CometCache.load`)."""
+        from safetensors.torch import save_file
+
+        if not self.is_initialized:
+            raise ValueError("Cannot save an empty CometCache: read some input first")
+        metadata = {"format": self._FORMAT, "seen_tokens": str(self.seen_tokens)}
+        if self.model_fingerprint is not None:
+            metadata["model_fingerprint"] = self.model_fingerprint
+        save_file({k: t.contiguous() for k, t in self._tensors().items()}, str(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path, device: str | torch.device = "cpu") -> CometCache:
+        """Read a state written by `CometCache.save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != cls._FORMAT:
+                raise ValueError(f"{path} is not a saved CometCache (format {metadata.get('format')!r})")
+            named = {k: f.get_tensor(k) for k in f.keys()}
+        return cls._from_tensors(named, int(metadata["seen_tokens"]), metadata.get("model_fingerprint"))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -324,6 +466,21 @@ class CometCache(Cache):
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError("A CoMeT cache cannot be cropped: folded text lives only in the memory.")
+
+
+def config_fingerprint(config: CometConfig) -> str:
+    """A short hash of what a CometCache depends on: the memory fields and the base architecture."""
+    import hashlib
+    import json
+
+    base = config.base_config
+    fields = {name: getattr(config, name) for name in CometConfig.MEMORY_FIELDS}
+    for name in (
+        "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta", "rope_parameters",
+    ):
+        fields[f"base.{name}"] = getattr(base, name, None)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # transformers 5.x is renaming `past_key_values` to `cache`; follow whichever this version uses.
@@ -364,6 +521,7 @@ class _TokenSource:
         else:
             self.order = _valid_first_order(valid)
             self.valid = valid.gather(1, self.order)
+        self.input_ids = input_ids
         self.ids = input_ids if input_ids is None or self.order is None else input_ids.gather(1, self.order)
         self.inputs_embeds = inputs_embeds
         self.dtype = embed_tokens.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
@@ -781,9 +939,11 @@ class CometModel(CometPreTrainedModel):
         if not cache.is_initialized:
             cache.allocate(self.config, B, layout.size, tokens.dtype, device)
             self._start_windows(cache, torch.ones(B, dtype=torch.bool, device=device))
-        elif cache.batch_size != B:
-            raise ValueError(f"Cache holds {cache.batch_size} sequences but the input has {B}")
-        cache.seen_tokens += L
+        else:
+            cache.check_model(self.config)
+            if cache.batch_size != B:
+                raise ValueError(f"Cache holds {cache.batch_size} sequences but the input has {B}")
+        cache.record_tokens(tokens.input_ids, L)
         remaining = tokens.valid.long().sum(1)  # valid tokens come first
         consumed = torch.zeros_like(remaining)
         arange_C = torch.arange(C, device=device)
@@ -1009,6 +1169,9 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
         else:
             base = AutoModelForCausalLM.from_pretrained(base_model_or_path, dtype=dtype or torch.float32)
         check_supported_base(base.config)
+        unknown = sorted(set(memory_fields) - set(CometConfig.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"Unknown CometConfig field(s) {unknown}; memory fields are {list(CometConfig.MEMORY_FIELDS)}")
         if getattr(base, "hf_quantizer", None) is not None:
             base.hf_quantizer.remove_quantization_config(base)
         base_config = copy.deepcopy(base.config)
@@ -1186,6 +1349,30 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
         return output if return_dict else output.to_tuple()
 
     # ------------------------------------------------------------------ generation glue
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+        # Refuse up front what would otherwise fail part-way through generation.
+        if generation_mode == GenerationMode.ASSISTED_GENERATION:
+            raise ValueError(
+                "CoMeT does not support assisted or prompt-lookup decoding: rejecting draft tokens means cropping "
+                "the cache, and text already folded into memory cannot be un-read. Use greedy, sampling or beam search."
+            )
+        if generation_config.cache_implementation is not None:
+            raise ValueError(
+                f"CoMeT carries its own fixed-size CometCache; cache_implementation="
+                f"{generation_config.cache_implementation!r} is not supported (leave it unset)."
+            )
+        super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        # A cache passed in must come from this model and the prompt must extend what it has read.
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(cache, CometCache) and cache.is_initialized:
+            cache.check_model(self.config)
+            if torch.is_tensor(input_ids) and input_ids.dim() == 2 and not input_ids.is_floating_point():
+                cache.check_prompt(input_ids)
+        return super().generate(inputs, *args, **kwargs)
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if model_kwargs.get("cache") is None and model_kwargs.get("past_key_values") is None:
             if generation_config.use_cache is not False:
