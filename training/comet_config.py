@@ -78,6 +78,10 @@ class CometTrainingConfig(TrainingArguments):
             global memory must carry what lies beyond the temporary window. Unset: the configured budget.
         recall_rows (`int`, *optional*, defaults to 100000):
             Rows of the (lazily built) recall dataset; one epoch is this many samples.
+        init_trained_weights (`str`, *optional*):
+            A trained-weights file (`convert.trained_weights`, e.g. `checkpoints/smollm2-comet-recall.safetensors`)
+            to start from: its memory is loaded and its LoRA factors merged into the base before training, so a
+            run can continue from shipped weights when its checkpoints (and optimizer state) are gone.
     """
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "base causal LM or saved CoMeT model"})
@@ -113,6 +117,7 @@ class CometTrainingConfig(TrainingArguments):
     lm_loss_weight: float = field(default=0.0, metadata={"help": "weight of the LM loss on recall text"})
     temp_budget_choices: str | None = field(default=None, metadata={"help": "temp budgets sampled per batch"})
     recall_rows: int = field(default=100_000, metadata={"help": "rows of the recall dataset"})
+    init_trained_weights: str | None = field(default=None, metadata={"help": "trained-weights file to start from"})
 
     def __post_init__(self):
         super().__post_init__()

@@ -95,6 +95,10 @@ def build_model(config: CometTrainingConfig):
             temp_beacon_stride=config.temp_beacon_stride,
             temp_mem_budget=config.temp_mem_budget,
         )
+    if config.init_trained_weights:
+        from convert.trained_weights import apply_trained_weights
+
+        apply_trained_weights(model, config.init_trained_weights)
     if config.finetuning == "lora":
         from peft import LoraConfig, get_peft_model
 

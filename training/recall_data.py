@@ -169,7 +169,9 @@ class RecallSampleBuilder:
         if rng.random() < self.boundary_fraction:
             prompt_end = num_chunks * C  # the answer starts a fresh window
         else:
-            prompt_end = (num_chunks - 1) * C + rng.randint(1, C - 1) if C > 1 else num_chunks * C
+            # Leave room in the question's chunk for the question and the facts asked at distance 0.
+            room = min(len(first_question) + sum(len(f) for f in facts[: len(questions)]) + 1, C - 1)
+            prompt_end = (num_chunks - 1) * C + rng.randint(room, C - 1) if C > 1 else num_chunks * C
         question_chunk = (prompt_end - 1) // C
         body_len = prompt_end - len(first_question) - len(prefix)
         if body_len < sum(len(f) for f in facts):
@@ -179,11 +181,11 @@ class RecallSampleBuilder:
             question_chunk - distances[i] if i < len(questions) else rng.randint(0, question_chunk)
             for i in range(len(facts))
         ]
-        # Each fact starts at a random place in its chunk (relative to the body); facts stay in that order.
+        # Each fact starts at a random place in its chunk (relative to the body), ending inside it where it fits.
         starts = []
-        for chunk in chunk_of:
+        for chunk, fact in zip(chunk_of, facts, strict=True):
             lo = max(chunk * C - len(prefix), 0)
-            hi = min((chunk + 1) * C - len(prefix), body_len) - 1
+            hi = min((chunk + 1) * C - len(prefix), body_len) - len(fact)
             starts.append(rng.randint(lo, max(lo, hi)))
         filler_len = body_len - sum(len(f) for f in facts)
         filler = self.filler.take(rng, filler_len)

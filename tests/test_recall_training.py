@@ -1,0 +1,264 @@
+"""Recall training: the data generators, the curriculum, the loss options, and gradients through the memory."""
+
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from modeling_comet import CometForCausalLM
+from training.recall_data import (
+    FillerStream,
+    RecallCollator,
+    RecallCurriculum,
+    RecallSampleBuilder,
+    answer_accuracy,
+    recall_dataset,
+)
+
+
+class WordTokenizer:
+    """Whitespace-and-punctuation tokenizer over a growing vocabulary; digits are single tokens, as in SmolLM2."""
+
+    bos_token_id = 1
+    eos_token_id = 2
+    pad_token_id = 0
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+        self.inverse: dict[int, str] = {}
+
+    def _id(self, piece: str) -> int:
+        if piece not in self.vocab:
+            self.vocab[piece] = len(self.vocab) + 3
+            self.inverse[self.vocab[piece]] = piece
+        return self.vocab[piece]
+
+    def __call__(self, text, add_special_tokens=False):
+        pieces, word = [], ""
+        for ch in text:
+            if ch.isalpha():
+                word += ch
+                continue
+            if word:
+                pieces.append(word)
+                word = ""
+            if not ch.isspace():
+                pieces.append(ch)
+        if word:
+            pieces.append(word)
+        ids = ([self.bos_token_id] if add_special_tokens else []) + [self._id(p) for p in pieces]
+        return SimpleNamespace(input_ids=ids)
+
+    def decode(self, ids):
+        return " ".join(self.inverse.get(i, "<s>") for i in ids)
+
+
+PROSE = " ".join(f"sentence number {w} says nothing at all ." for w in ["one", "two", "three", "four", "five"] * 60)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return WordTokenizer()
+
+
+@pytest.fixture(scope="module")
+def stream(tokenizer):
+    return FillerStream.from_texts([PROSE], tokenizer)
+
+
+def key_positions(ids, key_ids):
+    n = len(key_ids)
+    return [i for i in range(len(ids) - n + 1) if ids[i : i + n] == key_ids]
+
+
+@pytest.mark.parametrize("task", ["passkey", "associative"])
+def test_asked_facts_sit_at_the_requested_distance(tokenizer, stream, task):
+    C = 64
+    builder = RecallSampleBuilder(tokenizer, stream, chunk_size=C, task=task, num_chunks=(4, 6), num_keys=3,
+                                  num_queries=2, boundary_fraction=0.5)
+    for seed in range(20):
+        distance = seed % 4
+        row = builder.build(random.Random(seed), max_distance=distance, min_distance=distance)
+        ids, labels = row["input_ids"], row["labels"]
+        assert len(ids) == len(labels) == len(row["label_weights"])
+        first_answer = row["answer_spans"][0][0]
+        question_chunk = (first_answer - 1) // C
+        for start, end in row["answer_spans"]:
+            answer = ids[start:end]
+            assert labels[start:end] == answer
+            digits = [t for t in answer if tokenizer.inverse[t].isdigit()]
+            assert len(digits) == 5
+            # The answer's digits occur earlier in the input only in the planted fact (a passkey fact says it twice).
+            where = key_positions(ids[: first_answer - 1], digits)
+            assert 1 <= len(where) <= 2 and where[-1] - where[0] < 20
+            assert question_chunk - where[0] // C == distance
+        # Only the answers are labelled and their weights sum to one.
+        assert sum(row["label_weights"]) == pytest.approx(1.0)
+        assert all((lab == -100) == (w == 0) for lab, w in zip(labels, row["label_weights"], strict=True))
+
+
+def test_boundary_fraction_puts_the_question_end_on_a_chunk_boundary(tokenizer, stream):
+    C = 32
+    always = RecallSampleBuilder(tokenizer, stream, chunk_size=C, num_chunks=(3, 3), boundary_fraction=1.0)
+    never = RecallSampleBuilder(tokenizer, stream, chunk_size=C, num_chunks=(3, 3), boundary_fraction=0.0)
+    for seed in range(10):
+        assert always.build(random.Random(seed), 1)["answer_spans"][0][0] == 3 * C
+        assert never.build(random.Random(seed), 1)["answer_spans"][0][0] % C != 0
+
+
+def test_lm_loss_weight_and_lm_samples(tokenizer, stream):
+    builder = RecallSampleBuilder(tokenizer, stream, chunk_size=32, num_chunks=(3, 3), lm_loss_weight=0.25)
+    row = builder.build(random.Random(0), 1)
+    answer = {i for s, e in row["answer_spans"] for i in range(s, e)}
+    text_weight = sum(w for i, w in enumerate(row["label_weights"]) if i not in answer)
+    assert text_weight == pytest.approx(0.25)
+    assert all(row["labels"][i] == row["input_ids"][i] for i in range(1, len(row["labels"])))
+    lm_only = RecallSampleBuilder(tokenizer, stream, chunk_size=32, num_chunks=(2, 2), lm_fraction=1.0)
+    row = lm_only.build(random.Random(0), 1)
+    assert row["labels"] == row["input_ids"] and row["answer_spans"] == [] and len(row["input_ids"]) == 64
+
+
+def test_builder_rejects_bad_settings(tokenizer, stream):
+    with pytest.raises(ValueError, match="task"):
+        RecallSampleBuilder(tokenizer, stream, chunk_size=32, task="copy")
+    with pytest.raises(ValueError, match="num_chunks"):
+        RecallSampleBuilder(tokenizer, stream, chunk_size=32, num_chunks=(4, 2))
+    with pytest.raises(ValueError, match="num_queries"):
+        RecallSampleBuilder(tokenizer, stream, chunk_size=32, task="associative", num_keys=2, num_queries=3)
+    with pytest.raises(ValueError, match="at least 1024"):
+        FillerStream.from_texts(["too short"], tokenizer)
+
+
+def test_curriculum_by_schedule_and_by_accuracy_and_its_saved_state():
+    schedule = RecallCurriculum([1, 2, 4], mode="schedule", stage_steps=10)
+    for step, expected in [(0, 1), (9, 1), (10, 2), (25, 4), (1000, 4)]:
+        schedule.on_step_begin(None, SimpleNamespace(global_step=step), None)
+        assert schedule.max_distance == expected
+    accuracy = RecallCurriculum([1, 2, 4], mode="accuracy", threshold=0.9, window=3)
+    for value in [1.0, 1.0, 0.5, 1.0, 1.0]:  # no full window of three has a mean of 0.9 yet
+        accuracy.record(value)
+        assert accuracy.stage == 0
+    accuracy.record(1.0)
+    assert accuracy.stage == 1 and accuracy.max_distance == 2 and not accuracy.recent
+    accuracy.record(0.25)
+    restored = RecallCurriculum.from_state(accuracy.state())
+    assert restored.stage == 1 and list(restored.recent) == list(accuracy.recent)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        RecallCurriculum([4, 2])
+
+
+def test_dataset_rows_depend_on_index_and_stage_only(tokenizer, stream):
+    builder = RecallSampleBuilder(tokenizer, stream, chunk_size=32, num_chunks=(3, 4))
+    curriculum = RecallCurriculum([0, 2], mode="schedule", stage_steps=5)
+    data = recall_dataset(builder, curriculum, num_rows=8, seed=3)
+    first = data[2]
+    assert data[2] == first
+    curriculum.stage = 1
+    assert data[2] != first
+
+
+def test_collator_left_pads_and_answer_accuracy():
+    import doctest
+
+    import training.recall_data as module
+
+    assert doctest.testmod(module).failed == 0
+    rows = [
+        {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8], "label_weights": [0, 0, 0.5, 0.5], "answer_spans": [[2, 4]]},
+        {"input_ids": [9, 8], "labels": [-100, 8], "label_weights": [0, 1.0], "answer_spans": [[1, 2]]},
+    ]
+    batch = RecallCollator(pad_token_id=0)(rows)
+    tail = batch["answer_tail"]
+    assert tail == 3
+    logits = torch.zeros(2, tail, 10)
+    # Row 0 predicts columns 2, 3 from columns 1, 2; row 1 (padded by 2) predicts column 3 from column 2.
+    logits[0, 0, 7] = logits[0, 1, 8] = 1.0
+    logits[1, 1, 3] = 1.0  # wrong
+    token_acc, exact = answer_accuracy(logits, batch["input_ids"], batch["answer_spans"], tail)
+    assert token_acc == pytest.approx(2 / 3) and exact == pytest.approx(0.5)
+
+
+def tiny_llama(vocab=32, layers=2, hidden=32, seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(
+        LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    ).eval()
+
+
+def test_label_weights_give_the_weighted_mean_of_token_losses():
+    model = CometForCausalLM.from_base(tiny_llama(), chunk_size=8, global_mem_size=2, temp_beacon_stride=4,
+                                       temp_mem_budget=4).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 32, (2, 20), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    weights = torch.rand(2, 20, generator=g)
+    with torch.no_grad():
+        out = model(ids, labels=labels, label_weights=weights)
+        logits = model(ids).logits
+    token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none", ignore_index=-100)
+    w = weights[:, 1:].flatten() * (labels[:, 1:].flatten() != -100)
+    torch.testing.assert_close(out.loss, (token_loss * w).sum() / w.sum(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="label_weights"):
+        model(ids, label_weights=weights)
+
+
+def test_temp_budget_zero_without_global_memory_reads_every_chunk_alone():
+    """With the global memory ablated and no temporary entry visible, nothing crosses chunks: each chunk gives
+    the base model's logits on that chunk alone; the full budget lets earlier chunks in."""
+    base = tiny_llama()
+    model = CometForCausalLM.from_base(base, chunk_size=8, global_mem_size=0, temp_beacon_stride=4, temp_mem_budget=4)
+    model.eval()
+    ids = torch.randint(3, 32, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        alone = torch.cat([base(ids[:, s : s + 8]).logits for s in range(0, 24, 8)], dim=1)
+        torch.testing.assert_close(model(ids, temp_budget=0).logits, alone, atol=1e-5, rtol=0)
+        full = model(ids, temp_budget=4).logits
+        torch.testing.assert_close(full, model(ids).logits, atol=0, rtol=0)
+        assert (full[:, 8:] - alone[:, 8:]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="temp_budget"):
+        model(ids, temp_budget=5)
+
+
+def test_answer_loss_falls_only_through_the_global_memory():
+    """Gradients flow through the gated global memory: the first chunk shows a symbol, two chunks of random
+    filler follow (temporary memory off: the global memory is the only path), and the model must name the
+    symbol at the end. Without the memory, no loss below ln(#symbols) is possible; training gets well below it,
+    and swapping the first chunks across the batch sends the loss back up."""
+    symbols, C = 4, 8
+    torch.manual_seed(0)
+    model = CometForCausalLM.from_base(tiny_llama(), chunk_size=C, global_mem_size=2, temp_beacon_stride=-1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n=32):
+        key = torch.randint(3, 3 + symbols, (n,), generator=g)
+        ids = torch.randint(3 + symbols, 32, (n, 4 * C), generator=g)
+        ids[:, :C] = key[:, None]  # chunk 0: the symbol, repeated
+        ids[:, -2] = 2  # the question marker, then the answer
+        ids[:, -1] = key
+        labels = torch.full_like(ids, -100)
+        labels[:, -1] = key
+        return ids, labels
+
+    model.train()
+    for _ in range(150):
+        ids, labels = batch()
+        loss = model(ids, labels=labels, logits_to_keep=2).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    ids, labels = batch(256)
+    with torch.no_grad():
+        trained = model(ids, labels=labels, logits_to_keep=2).loss.item()
+        swapped = ids.clone()
+        swapped[:, :C] = ids.roll(1, dims=0)[:, :C]
+        mismatched = model(swapped, labels=labels, logits_to_keep=2).loss.item()
+    assert trained < 0.5 * math.log(symbols), trained
+    assert mismatched > math.log(symbols), mismatched
