@@ -1,10 +1,14 @@
-"""Training configuration of RAM: `transformers.TrainingArguments` plus the model, data and tuning fields."""
+"""Training configuration of RAM: TRL's `SFTConfig` plus the model, data and tuning fields.
+
+`python -m training.ram_trainer --config training/recipes/ram_smollm2.yaml` reads it with TRL's `TrlParser` (a YAML
+recipe, overridden by command-line flags).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
+from trl import SFTConfig
 
 from modeling_comet.position_layout import POSITION_LAYOUTS
 
@@ -12,11 +16,14 @@ FINETUNING_MODES = ("lora", "full", "encoder")
 
 
 @dataclass
-class RamTrainingConfig(TrainingArguments):
+class RamTrainingConfig(SFTConfig):
     r"""
-    Arguments of [`RamTrainer`] and of `python -m training.ram_trainer`.
+    Arguments of [`RamSFTTrainer`] / [`RamTrainer`] and of `python -m training.ram_trainer`.
 
-    Besides every `TrainingArguments` field:
+    Every `SFTConfig` (and so `TrainingArguments`) field, with these defaults changed for RAM: `completion_only_loss`
+    is `True` (the loss is taken on the answer only), `max_length` is `None` (contexts are cut by
+    `max_context_tokens` instead, never the answer), and `gradient_checkpointing`, `bf16`, `learning_rate` and
+    `logging_steps` keep the `TrainingArguments` defaults (off, off, `5e-5`, `500`) rather than TRL's. Besides:
 
     Args:
         model_name_or_path (`str`, *optional*):
@@ -81,6 +88,13 @@ class RamTrainingConfig(TrainingArguments):
     trust_remote_code: bool = field(default=False, metadata={"help": "let model_name_or_path run its own code"})
     contrastive_only: bool = field(default=False, metadata={"help": "skip the decoder, train relevance only"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "RAM batches carry custom columns"})
+    # SFTConfig fields whose TRL defaults do not suit RAM
+    completion_only_loss: bool | None = field(default=True, metadata={"help": "loss on the answer (completion) only"})
+    max_length: int | None = field(default=None, metadata={"help": "TRL truncation; RAM uses max_context_tokens"})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "deprecated alias of activation_checkpointing"})
+    bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision"})
+    learning_rate: float = field(default=5e-5, metadata={"help": "initial AdamW learning rate"})
+    logging_steps: float = field(default=500, metadata={"help": "log every N steps"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -93,6 +107,10 @@ class RamTrainingConfig(TrainingArguments):
             errors.append(f"question_template must contain '{{question}}', got {self.question_template!r}")
         if self.max_context_tokens < 1:
             errors.append(f"max_context_tokens must be positive, got {self.max_context_tokens}")
+        if self.completion_only_loss is False:
+            errors.append("completion_only_loss must stay True: RAM's NLL is over the answer only")
+        if self.packing or self.padding_free:
+            errors.append("packing and padding_free are not supported: each RAM example is compressed on its own")
         if errors:
             raise ValueError("Invalid RAM training configuration: " + "; ".join(errors))
 

@@ -1,16 +1,22 @@
-"""Fine-tune RAM: ``L = NLL(answer) + lambda * L_con`` on NQ-style question answering data.
+"""Fine-tune RAM with TRL: ``L = NLL(answer) + lambda * L_con`` on NQ-style question answering data.
 
 Usage::
 
+    python -m training.ram_trainer --config training/recipes/ram_smollm2.yaml [--max_steps 200 ...]
     python -m training.ram_trainer --train_file data.jsonl --output_dir outputs/ram --max_steps 200
-    python -m training.ram_trainer --config ram.yaml
     python -m training.ram_trainer ... --resume_from_checkpoint latest   # continue a killed run exactly
 
-A run never overwrites the checkpoints of an earlier one (see `training.comet_trainer.resolve_resume`), and a
-model path runs its own modelling code only with `--trust_remote_code`.
+The recipe and flags are read by TRL's `TrlParser` into a [`RamTrainingConfig`] (an `SFTConfig`). Training runs on
+TRL's `SFTTrainer` with prompt-completion data: each example becomes ``prompt = context + question`` and
+``completion = " " + answer`` (TRL tokenizes both, appends EOS and masks the prompt out of the labels:
+completion-only loss). [`RamSFTCollator`] splits every tokenized prompt back into the context (what RAM compresses)
+and the question (what the decoder reads after it, and the encoder's query), labels the context's segments for the
+contrastive term, and [`RamSFTTrainer`] runs RAM's own forward: SFTTrainer's default loss goes through a fused LM
+head on the plain decoder, which would skip the encoder and the contrastive term.
 
-The model's own forward runs (we subclass `Trainer`, not TRL's `SFTTrainer`, whose fused LM head would skip the
-encoder and the contrastive term).
+A run never overwrites the checkpoints of an earlier one (see `training.comet_trainer.resolve_resume`), and a
+model path runs its own modelling code only with `--trust_remote_code`. [`RamTrainer`] is the same loss on a plain
+`transformers.Trainer` for data already tokenized into RAM columns (`prepare_ram_example`, the benchmarks).
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, set_seed
+from trl import SFTTrainer, TrlParser
 
 from modeling_comet.modeling_ram import RamForCausalLM
 from training.ram_config import RamTrainingConfig
@@ -119,12 +126,85 @@ def _pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]
     return ids, mask
 
 
-class RamTrainer(Trainer):
-    """`Trainer` whose loss is the RAM model's own `NLL + lambda * L_con`; logs both terms."""
+def prompt_completion_example(example: dict, tokenizer, config: RamTrainingConfig) -> dict:
+    """One NQ-style example as a TRL prompt-completion row, plus what RAM needs to split and label it.
+
+    `prompt` is the context (cut to `max_context_tokens` tokens) followed by the question template, `completion` the
+    first answer after a space. `context` (the context text alone), `answers` and `positive_segments` ride along for
+    [`RamSFTCollator`].
+    """
+    if not example.get("answers"):
+        raise ValueError(f"example without answers: {example.get('question')!r}")
+    context = context_text(example)
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    if len(context_ids) > config.max_context_tokens:
+        context = tokenizer.decode(context_ids[: config.max_context_tokens])
+    return {
+        "prompt": context + config.question_template.format(question=example["question"]),
+        "completion": " " + example["answers"][0].strip(),
+        "context": context,
+        "answers": list(example["answers"]),
+        "positive_segments": example.get("positive_segments"),
+    }
+
+
+def _common_prefix_length(first: list[int], second: list[int]) -> int:
+    length = 0
+    for a, b in zip(first, second, strict=False):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+@dataclass
+class RamSFTCollator:
+    """Turn SFTTrainer's tokenized prompt-completion examples into RAM batches.
+
+    The prompt is the part of `input_ids` whose `labels` are -100 (completion-only loss), the answer the rest. The
+    context is the longest common prefix of the prompt and the context tokenized alone (the same tokenizer call TRL
+    makes, so special tokens agree; a token merged across the boundary goes to the question); the question is the
+    rest of the prompt. Segments are labelled positive from `positive_segments` when given, else when their text
+    contains an answer. The batch is padded by [`RamDataCollator`].
+    """
+
+    tokenizer: object
+    segment_size: int
+    pad_token_id: int = 0
+
+    def split(self, example: dict) -> dict:
+        ids, labels = list(example["input_ids"]), list(example["labels"])
+        answer_start = next((index for index, label in enumerate(labels) if label != -100), None)
+        if not answer_start or any(label == -100 for label in labels[answer_start:]):
+            raise ValueError(
+                "expected labels masking exactly the prompt (-100) and keeping the completion: train with "
+                "completion_only_loss=True on prompt-completion data"
+            )
+        prompt = ids[:answer_start]
+        context_alone = self.tokenizer(example["context"])["input_ids"]
+        split = _common_prefix_length(context_alone, prompt)
+        context, question = prompt[:split], prompt[split:]
+        if not question:
+            raise ValueError(f"the prompt has no question after its context: {example['prompt'][-80:]!r}")
+        segments = [context[start : start + self.segment_size] for start in range(0, len(context), self.segment_size)]
+        if example.get("positive_segments") is not None:
+            positives = set(example["positive_segments"])
+            segment_labels = [int(index in positives) for index in range(len(segments))]
+        else:
+            segment_labels = answer_segment_labels(self.tokenizer.batch_decode(segments), example["answers"])
+        return {"context_ids": context, "question_ids": question, "answer_ids": ids[answer_start:],
+                "segment_labels": segment_labels}
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return RamDataCollator(self.pad_token_id)([self.split(example) for example in examples])
+
+
+class RamLossMixin:
+    """A trainer's loss as the RAM model's own `NLL + lambda * L_con`; logs both terms and the kept fraction."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
         self._loss_terms = defaultdict(list)
+        super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs, relevance_only=self.args.contrastive_only)
@@ -146,6 +226,30 @@ class RamTrainer(Trainer):
             logs[prefix + name] = sum(values) / len(values)
         self._loss_terms.clear()
         super().log(logs, *args, **kwargs)
+
+
+class RamTrainer(RamLossMixin, Trainer):
+    """`Trainer` on data already tokenized into RAM columns (`prepare_ram_example` + [`RamDataCollator`])."""
+
+
+class RamSFTTrainer(RamLossMixin, SFTTrainer):
+    """TRL's `SFTTrainer` on prompt-completion data (`prompt_completion_example`) running RAM's own forward.
+
+    TRL prepares the data (tokenization, EOS, completion-only labels); [`RamSFTCollator`] (the default collator here)
+    splits each prompt into context and question; the loss is RAM's `NLL(answer) + lambda * L_con`.
+    """
+
+    def __init__(self, model, args: RamTrainingConfig, train_dataset, processing_class, data_collator=None, **kwargs):
+        if data_collator is None:
+            pad_token_id = processing_class.pad_token_id if processing_class.pad_token_id is not None else 0
+            segment_size = _unwrap(model).config.segment_size
+            data_collator = RamSFTCollator(processing_class, segment_size, pad_token_id)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
+                         data_collator=data_collator, **kwargs)
+
+
+def _unwrap(model) -> RamForCausalLM:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def build_model(config: RamTrainingConfig):
@@ -189,15 +293,13 @@ def apply_finetuning(model: RamForCausalLM, config: RamTrainingConfig):
 
 
 def parse_config(argv: list[str] | None = None) -> RamTrainingConfig:
-    """Parse the command line, or a single YAML/JSON file given as `--config file`."""
-    parser = HfArgumentParser(RamTrainingConfig)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 2 and argv[0] == "--config":
-        path = Path(argv[1])
-        if path.suffix in (".yaml", ".yml"):
-            return parser.parse_yaml_file(path)[0]
-        return parser.parse_json_file(path)[0]
-    return parser.parse_args_into_dataclasses(argv)[0]
+    """Parse flags and an optional `--config recipe.yaml` (TRL's `TrlParser`: flags override the recipe)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv) or not Path(argv[index + 1]).is_file():
+            raise FileNotFoundError(f"--config needs a YAML recipe file, got {argv[index + 1:index + 2]}")
+    return TrlParser(RamTrainingConfig).parse_args_and_config(argv)[0]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -215,17 +317,13 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(config)
     tokenizer_path = config.model_name_or_path or model.config.name_or_path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=config.trust_remote_code)
-    segment_size = model.config.segment_size
     dataset = load_dataset("json", data_files=config.train_file, split="train")
     dataset = dataset.map(
-        prepare_ram_example,
-        fn_kwargs={"tokenizer": tokenizer, "config": config, "segment_size": segment_size},
+        prompt_completion_example,
+        fn_kwargs={"tokenizer": tokenizer, "config": config},
         remove_columns=dataset.column_names,
     )
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    trainer = RamTrainer(
-        model=model, args=config, train_dataset=dataset, data_collator=RamDataCollator(pad_token_id=pad_token_id)
-    )
+    trainer = RamSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     if resume:
         print(f"resuming from {resume}")
     trainer.train(resume_from_checkpoint=resume)
@@ -241,6 +339,9 @@ if __name__ == "__main__":
 
 __all__ = [
     "RamDataCollator",
+    "RamLossMixin",
+    "RamSFTCollator",
+    "RamSFTTrainer",
     "RamTrainer",
     "answer_segment_labels",
     "apply_finetuning",
@@ -249,4 +350,5 @@ __all__ = [
     "main",
     "parse_config",
     "prepare_ram_example",
+    "prompt_completion_example",
 ]
