@@ -113,15 +113,15 @@ def save_memory_weights(model: torch.nn.Module, path: str | Path) -> Path:
 
 MEMORY_SIZE_LIMITS = {  # field: smallest allowed value (temp_beacon_stride also takes -1: no beacons)
     "chunk_size": 1,
-    "global_mem_size": 1,
+    "global_mem_size": 0,
     "temp_beacon_stride": 1,
-    "temp_mem_budget": 0,
+    "temp_mem_budget": 1,
     "adapter_rank": 1,
 }
 
 
 def check_memory_fields(fields: dict) -> None:
-    """Raise a `ValueError` naming every memory size that cannot build a model."""
+    """Raise a `ValueError` naming every memory size that cannot build a model (before any weights load)."""
     errors = []
     for name, smallest in MEMORY_SIZE_LIMITS.items():
         if name not in fields:
@@ -132,6 +132,9 @@ def check_memory_fields(fields: dict) -> None:
         elif value < smallest and not (name == "temp_beacon_stride" and value == -1):
             allowed = "-1 or at least 1" if name == "temp_beacon_stride" else f"at least {smallest}"
             errors.append(f"{name} must be {allowed}, got {value}")
+    chunk, stride = fields.get("chunk_size"), fields.get("temp_beacon_stride")
+    if not errors and isinstance(chunk, int) and isinstance(stride, int) and stride > 0 and chunk % stride:
+        errors.append(f"temp_beacon_stride ({stride}) must divide chunk_size ({chunk})")
     if errors:
         raise ValueError("; ".join(errors))
 
