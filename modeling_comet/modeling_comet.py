@@ -600,16 +600,16 @@ class CometPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = False
-    _supports_flex_attn = False
+    _supports_flex_attn = True
     _supports_attention_backend = False
     _no_split_modules = ["LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"]
 
     def __init__(self, config: CometConfig, *inputs, **kwargs):
         for attn in {config._attn_implementation, config.base_config._attn_implementation}:
-            if attn not in (None, "eager", "sdpa"):
+            if attn not in (None, "eager", "sdpa", "flex_attention"):
                 raise ValueError(
-                    f"CoMeT supports attn_implementation 'sdpa' or 'eager', not {attn!r}: its window needs an "
-                    "arbitrary attention mask (text hidden from beacons and readouts), which flash/flex kernels do not take."
+                    f"CoMeT supports attn_implementation 'sdpa', 'eager' or 'flex_attention', not {attn!r}: its window "
+                    "needs an arbitrary attention mask (text hidden from beacons and readouts), which flash kernels do not take."
                 )
         super().__init__(config, *inputs, **kwargs)
 
@@ -663,12 +663,21 @@ class CometModel(CometPreTrainedModel):
             self._layouts[key] = CometWindowLayout(self.config, device)
         return self._layouts[key]
 
-    def _attention_mask(self, allowed: torch.Tensor, dtype) -> torch.Tensor:
-        """The boolean mask in the form the configured attention implementation expects."""
-        if self.config.base_config._attn_implementation == "eager":
+    def _attention_mask(self, allowed: torch.Tensor, dtype):
+        """The boolean mask (B, 1, q, k) in the form the configured attention implementation expects."""
+        implementation = self.config.base_config._attn_implementation
+        if implementation == "eager":
             return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
                 ~allowed, torch.finfo(dtype).min
             )
+        if implementation == "flex_attention":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            def visible(batch, head, query, key):
+                return allowed[batch, 0, query, key]
+
+            B, _, q, k = allowed.shape
+            return create_block_mask(visible, B, None, q, k, device=allowed.device)
         return allowed
 
     def _slot_positions(self, slot_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -173,3 +173,17 @@ def test_long_input_is_embedded_and_processed_one_window_at_a_time():
     finally:
         for hook in hooks:
             hook.remove()
+
+
+@pytest.mark.slow  # torch compiles flex attention for every new query/key shape (about a minute on one CPU thread)
+def test_flex_attention_block_mask_equals_sdpa():
+    sdpa = tiny_comet(attn="sdpa")
+    flex = tiny_comet(attn="flex_attention")
+    flex.load_state_dict(sdpa.state_dict())
+    assert flex.model.layers[0].self_attn.config._attn_implementation == "flex_attention"
+    ids = random_ids(2, 45)
+    with torch.no_grad():
+        for kwargs in (dict(use_cache=False), dict(use_cache=True)):
+            torch.testing.assert_close(flex(ids, **kwargs).logits, sdpa(ids, **kwargs).logits, atol=1e-5, rtol=0)
+    greedy = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    assert torch.equal(flex.generate(ids, **greedy), sdpa.generate(ids, **greedy))

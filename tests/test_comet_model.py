@@ -288,7 +288,7 @@ def test_bad_inputs_raise_clear_errors():
         CometForCausalLM.from_base(gpt2, **MEMORY)
     flash = tiny_base()
     flash.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(ValueError, match="'sdpa' or 'eager'"):
+    with pytest.raises(ValueError, match="'sdpa', 'eager' or 'flex_attention'"):
         CometForCausalLM.from_base(flash, **MEMORY)
     with pytest.raises(TypeError, match="CometCache"):
         from transformers import DynamicCache
