@@ -249,7 +249,8 @@ def _probe_inputs(config: dict, vocab_size: int) -> dict:
 
 
 def check_loads(folder: Path, src: Path, timeout: float = 900) -> float:
-    """Load `folder` in a fresh process that cannot import this package; compare its logits with SRC's."""
+    """Load `folder` in a fresh process that cannot import this package: config, tokenizer, model (its logits must
+    equal SRC's) and its pipeline (`text-generation` for CoMeT, the shipped `ram-question-answering` for RAM)."""
     config = json.loads((folder / "config.json").read_text())
     model = model_class(config["model_type"]).from_pretrained(src, dtype="auto").eval()
     inputs = _probe_inputs(config, model.get_input_embeddings().num_embeddings)
@@ -270,6 +271,15 @@ def check_loads(folder: Path, src: Path, timeout: float = 900) -> float:
             ref = torch.load({str(reference)!r})
             with torch.no_grad():
                 print("MAXDIFF", (model(**ref["inputs"]).logits - ref["logits"]).abs().max().item())
+            from transformers import pipeline
+            if model.config.model_type == "ram":
+                answer = pipeline("ram-question-answering", model=folder, trust_remote_code=True)(
+                    {{"context": "A short context.", "question": "What is it?"}}, max_new_tokens=1)
+                assert isinstance(answer[0]["answer"], str), answer
+            else:
+                generated = pipeline("text-generation", model=folder, trust_remote_code=True)(
+                    "A short prompt", max_new_tokens=1)
+                assert isinstance(generated[0]["generated_text"], str), generated
             """
         )
         env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
