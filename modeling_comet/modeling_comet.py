@@ -613,6 +613,19 @@ class CometPreTrainedModel(PreTrainedModel):
                 )
         super().__init__(config, *inputs, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        devices = set((getattr(model, "hf_device_map", None) or {}).values())
+        if len(devices) > 1:
+            raise ValueError(
+                f"CoMeT runs on one device: its window cache and memory state span every layer, so a device_map that "
+                f"splits the model ({sorted(map(str, devices))}) is not supported. Pass device_map='cpu', 'cuda:0' or "
+                "{'': device}."
+            )
+        return loaded
+
     def _init_weights(self, module):
         super()._init_weights(module)
         std = getattr(self.config.base_config, "initializer_range", 0.02)

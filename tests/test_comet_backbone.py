@@ -187,3 +187,13 @@ def test_flex_attention_block_mask_equals_sdpa():
             torch.testing.assert_close(flex(ids, **kwargs).logits, sdpa(ids, **kwargs).logits, atol=1e-5, rtol=0)
     greedy = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
     assert torch.equal(flex.generate(ids, **greedy), sdpa.generate(ids, **greedy))
+
+
+def test_device_map_split_is_refused_clearly(tmp_path):
+    tiny_comet().save_pretrained(tmp_path)
+    one_device = CometForCausalLM.from_pretrained(tmp_path, device_map={"": "cpu"})
+    assert one_device.device.type == "cpu"
+    split = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
+             "model.comet_memory": "cpu", "lm_head": "disk"}
+    with pytest.raises(ValueError, match="CoMeT runs on one device"):
+        CometForCausalLM.from_pretrained(tmp_path, device_map=split, offload_folder=str(tmp_path / "offload"))
