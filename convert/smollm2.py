@@ -51,7 +51,7 @@ def smollm2_path(target: str | Path | None = None, force: bool = False, overwrit
     when it is a Llama checkpoint folder (or with ``overwrite=True``); see `convert.atomic`.
     """
     target = Path(target) if target is not None else cache_root() / "smollm2-135m-instruct"
-    if (target / "config.json").is_file() and not force:
+    if not force and is_llama_checkpoint(target):
         return target
     check_replaceable(target, overwrite, is_llama_checkpoint)  # before the (slow) GGUF load
 

@@ -47,13 +47,23 @@ def map_base_key(key: str) -> str:
     raise KeyError(f"base weight {key!r} has no entry in the CoMeT key table")
 
 
+def is_memory_key(key: str) -> bool:
+    """A CoMeT memory parameter: ``comet_memory.*`` at the top level or under the backbone (``model.comet_memory.*``)."""
+    return key.startswith(NEW_KEY_PREFIX) or ("." + NEW_KEY_PREFIX) in key
+
+
+def canonical_memory_key(key: str) -> str:
+    """``comet_memory.<rest>`` whatever module path the memory has in the model (the memory-weights file format)."""
+    return NEW_KEY_PREFIX + key.split(NEW_KEY_PREFIX, 1)[1]
+
+
 def check_key_mapping(base_state: dict, comet_state: dict, tied: bool) -> None:
     """Fail on any unmapped base key or any CoMeT key (outside the new memory) that nothing maps to."""
     mapped = {map_base_key(k) for k in base_state if not k.endswith("rotary_emb.inv_freq")}
     unknown = mapped - comet_state.keys()
     if unknown:
         raise KeyError(f"mapped base keys missing from the CoMeT model: {sorted(unknown)[:5]}")
-    uncovered = {k for k in comet_state if not k.startswith(NEW_KEY_PREFIX)} - mapped
+    uncovered = {k for k in comet_state if not is_memory_key(k)} - mapped
     if tied:
         uncovered.discard("lm_head.weight")
     if uncovered:
@@ -86,15 +96,16 @@ def load_memory_weights(model: CometForCausalLM, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"memory weights not found: {path}")
-    weights = load_file(path)
-    expected = {k: v for k, v in model.state_dict().items() if k.startswith(NEW_KEY_PREFIX)}
+    weights = {canonical_memory_key(k) if is_memory_key(k) else k: v for k, v in load_file(path).items()}
+    model_keys = {canonical_memory_key(k): k for k in model.state_dict() if is_memory_key(k)}
+    expected = {k: model.state_dict()[model_keys[k]] for k in model_keys}
     if weights.keys() != expected.keys():
         missing, extra = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
         raise KeyError(f"memory weights in {path} do not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
     for key, value in weights.items():
         if value.shape != expected[key].shape:
             raise ValueError(f"{key}: shape {tuple(value.shape)} in {path}, model expects {tuple(expected[key].shape)}")
-    model.load_state_dict(weights, strict=False)
+    model.load_state_dict({model_keys[k]: v for k, v in weights.items()}, strict=False)
 
 
 def save_memory_weights(model: torch.nn.Module, path: str | Path) -> Path:
@@ -103,7 +114,7 @@ def save_memory_weights(model: torch.nn.Module, path: str | Path) -> Path:
 
     from .atomic import atomic_file
 
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k.startswith(NEW_KEY_PREFIX)}
+    state = {canonical_memory_key(k): v.detach().contiguous() for k, v in model.state_dict().items() if is_memory_key(k)}
     if not state:
         raise ValueError("the model has no comet_memory.* parameters")
     with atomic_file(path) as tmp:
@@ -189,6 +200,7 @@ def convert(
     """Convert ``base_path`` into a CoMeT checkpoint at ``output_dir`` (see the module doc for what is refused)."""
     output_dir = Path(output_dir)
     check_memory_fields(memory_fields)
+    check_base_source(base_path)
     protect = [base_path] if looks_like_path(str(base_path)) else []
     check_replaceable(output_dir, overwrite, protect=protect)  # before the (slow) load
     if memory_weights is not None and not Path(memory_weights).is_file():

@@ -38,7 +38,7 @@ def test_convert_writes_a_loadable_checkpoint_with_card(base_folder, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["chunk_size"] == 16 and config["auto_map"]["AutoModelForCausalLM"] == "modeling_comet.CometForCausalLM"
     card = (out / "README.md").read_text()
-    assert card.startswith("---\n") and "base_model:" in card and "| chunk_size | 16 |" in card
+    assert card.startswith("---\n") and "built on a local base model" in card and "| chunk_size | 16 |" in card
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     base = AutoModelForCausalLM.from_pretrained(base_folder).eval()
     ids = torch.randint(0, 96, (1, 12))
