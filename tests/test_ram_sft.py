@@ -156,3 +156,27 @@ def test_recipe_parsed_by_trl_parser_with_flag_overrides(tmp_path):
     assert parsed.question_template == "\n\nQuestion: {question}\nAnswer:"
     with pytest.raises(FileNotFoundError, match="YAML recipe"):
         parse_config(["--config", str(tmp_path / "absent.yaml")])
+
+
+def test_lora_run_saves_a_complete_merged_checkpoint_with_adapter_and_card(tmp_path):
+    from training.ram_trainer import save_ram_checkpoint
+
+    args = config(tmp_path, finetuning="lora", max_steps=4, lora_target_modules=r"decoder\..*\.(q_proj|v_proj|up_proj)")
+    model = apply_finetuning(tiny_ram(contrastive_weight=0.5), args)
+    trainer, tokenizer = sft_trainer(tmp_path, model=model, finetuning="lora", max_steps=4)
+    trainer.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    out = save_ram_checkpoint(trainer, tokenizer, trainer.args, ["--finetuning", "lora", "--max_steps", "4"])
+    names = {path.name for path in out.iterdir()}
+    assert {"model.safetensors", "config.json", "modeling_ram.py", "pipeline_ram.py", "tokenizer.json",
+            "README.md", "adapter"} <= names
+    assert (out / "adapter" / "adapter_config.json").is_file() and not (out / "adapter_config.json").exists()
+    reloaded = RamForCausalLM.from_pretrained(out).eval()
+    assert not any("lora" in name for name, _ in reloaded.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=0)
+    card = (out / "README.md").read_text()
+    assert "python -m training.ram_trainer --finetuning lora --max_steps 4" in card and "4 steps" in card

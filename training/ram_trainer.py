@@ -327,8 +327,36 @@ def main(argv: list[str] | None = None) -> None:
     if resume:
         print(f"resuming from {resume}")
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(config.output_dir)
-    tokenizer.save_pretrained(config.output_dir)
+    save_ram_checkpoint(trainer, tokenizer, config, argv)
+
+
+def save_ram_checkpoint(trainer, tokenizer, config: RamTrainingConfig, argv: list[str] | None = None) -> Path:
+    """Write `output_dir` as a complete RAM checkpoint that loads (and publishes) on its own.
+
+    With LoRA the adapters (and the encoder/alignment copies PEFT trains) are saved under `output_dir/adapter` and
+    merged into the model written at `output_dir`: weights, config, model and pipeline code, tokenizer and a card
+    (`convert.cards`) saying how it was trained. `python -m convert.publish OUTPUT_DIR REPO_ID` publishes it.
+    """
+    from convert.cards import BaseModelInfo, base_model_info, render_card
+
+    output_dir = Path(config.output_dir)
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        trainer.save_model(str(output_dir / "adapter"))
+        model = model.merge_and_unload()
+    if trainer.is_world_process_zero():
+        model.save_pretrained(output_dir, safe_serialization=True)
+        tokenizer.save_pretrained(output_dir)
+        base = config.model_name_or_path or getattr(model.config.base_config, "_name_or_path", None)
+        command = "python -m training.ram_trainer " + " ".join(sys.argv[1:] if argv is None else argv)
+        note = (f"Trained with TRL's SFTTrainer (prompt = context + question, completion = answer, completion-only "
+                f"loss) plus RAM's contrastive term (lambda = {model.config.contrastive_weight}), finetuning mode "
+                f"`{config.finetuning}`, {trainer.state.global_step} steps.")
+        base_info = base_model_info(base, required=False) if base else BaseModelInfo(None)
+        card = render_card(model.config, base_info, model_name=output_dir.name, repo_id=str(output_dir),
+                           training_note=note, training_command=command, require_hub_metadata=False)
+        card.save(output_dir / "README.md")
+    return output_dir
 
 
 if __name__ == "__main__":
@@ -351,4 +379,5 @@ __all__ = [
     "parse_config",
     "prepare_ram_example",
     "prompt_completion_example",
+    "save_ram_checkpoint",
 ]
