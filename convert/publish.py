@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -88,16 +88,22 @@ def read_source(src: str | Path) -> tuple[Path, dict]:
     return src, config
 
 
-def _section(markdown: str, title: str) -> str | None:
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", markdown, flags=re.S | re.M)
+def training_from_card(markdown: str) -> tuple[str | None, str | None]:
+    """(note, command) of a card's `## Training` section: its prose and its first code block."""
+    match = re.search(r"^## Training\n(.*?)(?=^## |\Z)", markdown, flags=re.S | re.M)
     if match is None:
-        return None
-    text = re.sub(r"```.*?```", "", match.group(1), flags=re.S).strip()
-    return text or None
+        return None, None
+    section = match.group(1)
+    command = re.search(r"```\w*\n(.*?)\n```", section, flags=re.S)
+    note = re.sub(r"```.*?```", "", section, flags=re.S)
+    note = re.sub(r"^Data: .*$", "", note, flags=re.M).strip()  # datasets are re-rendered from the metadata
+    return note or None, command.group(1).strip() if command else None
 
 
-def card_inputs(src: Path, config: dict, options: PublishOptions) -> tuple[BaseModelInfo, str | None, list[str]]:
-    """Base model, training note and datasets: the options first, then SRC's own card, then the base itself.
+def card_inputs(src: Path, config: dict, options: PublishOptions) -> tuple[BaseModelInfo, PublishOptions]:
+    """Base model and the card's other inputs: the options first, then SRC's own card, then the base itself.
+
+    Returns the base and a copy of `options` completed from SRC's card (training note and command, datasets).
 
     A `base_model` in SRC's card that is a local path (cards written before publishing) is resolved like the base
     folder recorded in the config (`convert.cards.base_model_info`): it never reaches the published card.
@@ -124,11 +130,14 @@ def card_inputs(src: Path, config: dict, options: PublishOptions) -> tuple[BaseM
         )
     if license is None:
         raise ValueError(f"the license of the base model {repo_id} is unknown: pass --license (e.g. apache-2.0)")
-    note = options.training_note
-    if note is None and existing is not None:
-        note = _section(existing.text, "Training")
-    datasets = options.datasets or list((data.datasets if data is not None else None) or [])
-    return BaseModelInfo(repo_id=repo_id, license=license, language=language), note, datasets
+    note, command = training_from_card(existing.text) if existing is not None else (None, None)
+    completed = replace(
+        options,
+        training_note=options.training_note if options.training_note is not None else note,
+        training_command=options.training_command or command,
+        datasets=options.datasets or list((data.datasets if data is not None else None) or []),
+    )
+    return BaseModelInfo(repo_id=repo_id, license=license, language=language), completed
 
 
 def build_folder(src: str | Path, folder: str | Path, repo_id: str, options: PublishOptions | None = None,
@@ -140,7 +149,7 @@ def build_folder(src: str | Path, folder: str | Path, repo_id: str, options: Pub
     folder.mkdir(parents=True, exist_ok=True)
     if any(folder.iterdir()):
         raise FileExistsError(f"{folder} is not empty")
-    base, note, datasets = card_inputs(src, raw_config, options)
+    base, options = card_inputs(src, raw_config, options)
     model = model_class(raw_config["model_type"]).from_pretrained(src, dtype="auto")
     try:
         tokenizer = AutoTokenizer.from_pretrained(src)
@@ -149,18 +158,22 @@ def build_folder(src: str | Path, folder: str | Path, repo_id: str, options: Pub
     model.save_pretrained(folder, safe_serialization=True)
     model.generation_config.save_pretrained(folder)  # always, even when it equals the defaults
     tokenizer.save_pretrained(folder)
-    card = render_card(
-        model.config, base,
+    card_for(model.config, base, options, repo_id, revision_pin).save(folder / "README.md")
+    return folder
+
+
+def card_for(config, base: BaseModelInfo, options: PublishOptions, repo_id: str, revision: str | None):
+    """The published card of a checkpoint with `config` (`options` completed by `card_inputs`)."""
+    return render_card(
+        config, base,
         model_name=options.model_name or repo_id.split("/")[-1],
         repo_id=repo_id,
-        revision=revision_pin,
-        datasets=datasets,
+        revision=revision,
+        datasets=options.datasets,
         evaluations=options.results,
-        training_note=note or "",
+        training_note=options.training_note or "",
         training_command=options.training_command,
     )
-    card.save(folder / "README.md")
-    return folder
 
 
 # ----- validation ----------------------------------------------------------------------------------------------------
@@ -320,7 +333,7 @@ def publish(
     """Build, validate and (unless `dry_run`) upload; returns what was done (folder, files, commit, url)."""
     options = options or PublishOptions()
     src_path, raw_config = read_source(src)
-    base, _, _ = card_inputs(src_path, raw_config, options)
+    base, _ = card_inputs(src_path, raw_config, options)
     folder = Path(tempfile.mkdtemp(prefix="publish-", dir=workdir))
     try:
         build_folder(src_path, folder, repo_id, options)
@@ -354,12 +367,9 @@ def publish(
 def render_card_for(folder: Path, src: Path, repo_id: str, options: PublishOptions, revision: str) -> str:
     """The card of an already built folder, pinned to `revision`."""
     _, raw_config = read_source(src)
-    base, note, datasets = card_inputs(src, raw_config, options)
+    base, options = card_inputs(src, raw_config, options)
     config = model_class(raw_config["model_type"]).config_class.from_pretrained(folder)
-    card = render_card(config, base, model_name=options.model_name or repo_id.split("/")[-1], repo_id=repo_id,
-                       revision=revision, datasets=datasets, evaluations=options.results, training_note=note or "",
-                       training_command=options.training_command)
-    return str(card)
+    return str(card_for(config, base, options, repo_id, revision))
 
 
 def build_parser() -> argparse.ArgumentParser:

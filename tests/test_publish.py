@@ -250,3 +250,19 @@ def test_published_folders_load_by_repo_id_offline_without_this_package(tmp_path
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_card_inputs_come_from_the_source_card_when_not_given(tmp_path):
+    src = write_source("ram", tmp_path / "src")
+    (src / "README.md").write_text(
+        "---\nbase_model: org/base\nlicense: mit\ndatasets:\n- org/qa\n---\n# x\n\n## Training\n\nTrained for 3 steps.\n\n"
+        "```bash\npython -m training.ram_trainer --max_steps 3\n```\n\nData: org/qa.\n\n## Requirements\n\nnone\n"
+    )
+    folder = build_folder(src, tmp_path / "out", "me/x")
+    card = ModelCard.load(folder / "README.md")
+    assert (card.data.base_model, card.data.license, card.data.datasets) == ("org/base", "mit", ["org/qa"])
+    assert "Trained for 3 steps." in card.text and "python -m training.ram_trainer --max_steps 3" in card.text
+    assert card.text.count("Data: org/qa.") == 1
+    options = PublishOptions(license="apache-2.0", training_note="Other.", training_command="cmd")
+    card = ModelCard.load(build_folder(src, tmp_path / "out2", "me/x", options) / "README.md")
+    assert card.data.license == "apache-2.0" and "Other." in card.text and "Trained for 3" not in card.text
