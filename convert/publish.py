@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--commit-message", default=None)
     parser.add_argument("--dry-run", action="store_true", help="build and validate, list the files, upload nothing")
     parser.add_argument("--results", nargs="*", default=[], metavar="JSON",
-                        help="evaluation JSON of this checkpoint (passkey, forgetting curve, SCROLLS) for the card")
+                        help="evaluation JSON of this checkpoint (passkey, forgetting curve, SCROLLS, RAM synthetic QA)")
     parser.add_argument("--dataset", dest="datasets", action="append", default=[], metavar="ID",
                         help="Hub id of a training dataset (repeatable)")
     parser.add_argument("--training-command", default=None, help="command that trained it, shown in the card")
@@ -412,6 +412,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
     from evaluation.common import INPUT_ERRORS, run_cli
 
-    run_cli(main, (*INPUT_ERRORS, KeyError))
+    run_cli(main, (*INPUT_ERRORS, KeyError, HfHubHTTPError, LocalTokenNotFoundError))
