@@ -89,8 +89,11 @@ def check_replaceable(
     """Raise `FileExistsError` unless writing ``target`` would only replace what may be replaced (see module doc)."""
     target = Path(target)
     resolved = target.expanduser().resolve()
-    vital = {Path.cwd().resolve(): "the current working directory", Path.home().resolve(): "the home directory"}
-    vital[Path(resolved.anchor)] = "the file-system root"
+    vital = {Path(resolved.anchor): "the file-system root", Path.cwd().resolve(): "the current working directory"}
+    try:
+        vital[Path.home().resolve()] = "the home directory"
+    except RuntimeError:  # no home directory known
+        pass
     for path, what in vital.items():
         if _contains(resolved, path):
             raise FileExistsError(f"refusing to write {target}: it would replace {what} ({path})")

@@ -228,3 +228,30 @@ def test_a_kill_at_any_moment_leaves_the_old_or_the_new_folder(tmp_path, kill_at
     assert (target / "sub" / "x").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["killer.py", "out"]
     assert not (target / ".comet-atomic-write.json").exists()
+
+
+def test_check_replaceable_edge_cases(tmp_path):
+    from convert.atomic import check_replaceable, is_checkpoint_folder
+
+    check_replaceable(tmp_path / "missing")  # nothing there: fine
+    (tmp_path / "empty").mkdir()
+    check_replaceable(tmp_path / "empty")  # an empty folder loses nothing
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        check_replaceable(tmp_path / "file.txt")
+    check_replaceable(tmp_path / "file.txt", overwrite=True)
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "config.json").write_text('{"model_type": "comet"}')
+    (ours / "model.safetensors").write_bytes(b"")
+    assert is_checkpoint_folder(ours)
+    (tmp_path / "link").symlink_to(ours, target_is_directory=True)
+    with pytest.raises(FileExistsError):
+        check_replaceable(tmp_path / "link")  # a link is never followed into a replace
+    (ours / "runs").mkdir()  # a subfolder: not only checkpoint files any more
+    assert not is_checkpoint_folder(ours)
+    (ours / "runs").rmdir()
+    (ours / "config.json").write_text('{"model_type": "llama"}')
+    assert not is_checkpoint_folder(ours) and is_checkpoint_folder(ours, ("llama",))
+    (ours / "config.json").write_text("{broken")
+    assert not is_checkpoint_folder(ours)
