@@ -247,13 +247,19 @@ def _power_mod(exponent: torch.Tensor) -> torch.Tensor:
     return result
 
 
-def _extend_token_hash(previous: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Hash (B,) of the ids read so far extended by ``input_ids`` (B, n); -1 (unknown) stays -1."""
-    n = input_ids.shape[1]
-    powers = _power_mod(torch.arange(n - 1, -1, -1, device=input_ids.device))
-    total = (input_ids.long() % _HASH_MODULUS * powers % _HASH_MODULUS).sum(1) % _HASH_MODULUS
-    shift = _power_mod(torch.tensor([n], device=input_ids.device))
-    extended = (previous * shift % _HASH_MODULUS + total) % _HASH_MODULUS
+def _extend_token_hash(previous: torch.Tensor, input_ids: torch.Tensor, piece: int = 8192) -> torch.Tensor:
+    """Hash (B,) of the ids read so far extended by ``input_ids`` (B, n); -1 (unknown) stays -1.
+
+    Works through the ids ``piece`` columns at a time, so its temporaries do not grow with the input.
+    """
+    extended = previous
+    for start in range(0, input_ids.shape[1], piece):
+        ids = input_ids[:, start : start + piece]
+        n = ids.shape[1]
+        powers = _power_mod(torch.arange(n - 1, -1, -1, device=ids.device))
+        total = (ids.long() % _HASH_MODULUS * powers % _HASH_MODULUS).sum(1) % _HASH_MODULUS
+        shift = _power_mod(torch.tensor([n], device=ids.device))
+        extended = (extended * shift % _HASH_MODULUS + total) % _HASH_MODULUS
     return torch.where(previous < 0, previous, extended)
 
 
@@ -807,30 +813,33 @@ class CometModel(CometPreTrainedModel):
         folded = torch.ones(B, dtype=torch.bool, device=tokens.device)
         num_layers = self.config.base_config.num_hidden_layers
         P = self.config.memory_slots
-        text_rows = [slice(P, P + end - start) for start, end in bounds]
-        columns = [tokens.columns(tokens.span(start, end)) for start, end in bounds]
-        real = [tokens.valid[:, start:end] for start, end in bounds]
-
-        def record(layer, i, hidden, key_index):
-            recorder.layer_output(layer, columns[i], real[i], hidden, text_rows[i], key_index)
 
         if not layer_major:
-            for i, (start, end) in enumerate(bounds):
+            for start, end in bounds:
                 fold = end < L
+                columns, real = tokens.columns(tokens.span(start, end)), tokens.valid[:, start:end]
                 embeds = tokens.embed(tokens.span(start, end))
-                recorder.hidden(0, columns[i], real[i], embeds)
-                hidden, *chunk = self._chunk_inputs(embeds, real[i], state, fold, layout)
+                recorder.hidden(0, columns, real, embeds)
+                hidden, *chunk = self._chunk_inputs(embeds, real, state, fold, layout)
+                text = slice(P, P + end - start)
                 new_memories = []
                 for layer in range(num_layers):
                     hidden, new_memory = self._chunk_layer_step(layer, hidden, chunk, state, fold, end - start)
-                    record(layer, i, hidden, chunk[3])
+                    recorder.layer_output(layer, columns, real, hidden, text, chunk[3])
                     new_memories.append(new_memory)
-                on_text(columns[i], real[i], self.norm(hidden[:, text_rows[i]]))
+                on_text(columns, real, self.norm(hidden[:, text]))
                 if fold:
                     state = self._advance(state, new_memories, self._fold_validity(state, folded, temp_budget))
             return
 
-        # Layer-major: every chunk through layer l before layer l+1.
+        # Layer-major: every chunk through layer l before layer l+1 (training; it keeps every chunk anyway).
+        columns = [tokens.columns(tokens.span(start, end)) for start, end in bounds]
+        real = [tokens.valid[:, start:end] for start, end in bounds]
+        text_rows = [slice(P, P + end - start) for start, end in bounds]
+
+        def record(layer, i, hidden, key_index):
+            recorder.layer_output(layer, columns[i], real[i], hidden, text_rows[i], key_index)
+
         def embed_chunk(i, start, end):
             embeds = tokens.embed(tokens.span(start, end))
             recorder.hidden(0, columns[i], real[i], embeds)
@@ -1093,7 +1102,6 @@ class CometModel(CometPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
         cache: CometCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -1109,7 +1117,8 @@ class CometModel(CometPreTrainedModel):
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): text tokens of any length.
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
                 1 for real tokens, 0 for padding (left or right). Each sequence is chunked from its own first token.
-            position_ids: ignored; CoMeT assigns positions per chunk (they restart in every chunk).
+            position_ids: not a parameter (ignored if passed): CoMeT assigns positions per chunk, restarting in every
+                chunk. Leaving it out of the signature also keeps `generate` from building whole-length position ids.
             cache (`CometCache`, *optional*): generation state; when given (or `use_cache=True`), the input is
                 appended to it and the live window folds into memory whenever it reaches `chunk_size`.
             output_attentions (`bool`, *optional*): return, per layer, a `(batch_size, num_heads, sequence_length,
@@ -1266,7 +1275,6 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
         cache: CometCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -1285,7 +1293,8 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): text tokens of any length.
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
                 1 for real tokens, 0 for padding (left or right). Each sequence is chunked from its own first token.
-            position_ids: ignored; CoMeT assigns positions per chunk (they restart in every chunk).
+            position_ids: not a parameter (ignored if passed): CoMeT assigns positions per chunk, restarting in every
+                chunk. Leaving it out of the signature also keeps `generate` from building whole-length position ids.
             cache (`CometCache`, *optional*): generation state; when given (or `use_cache=True`), the input is
                 appended to it and the live window folds into memory whenever it reaches `chunk_size`.
             labels (`torch.LongTensor`, *optional*): next-token targets over the text (-100 ignored). The loss is
@@ -1318,8 +1327,7 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
         else:
             keep_cols = logits_to_keep.to(device).flatten() % L
         K = keep_cols.numel()
-        keep_slot = torch.full((B, L), -1, dtype=torch.long, device=device)
-        keep_slot[:, keep_cols] = torch.arange(K, device=device)
+        keep_sorted, keep_order = torch.sort(keep_cols)
         kept = torch.zeros(B, K + 1, self.config.base_config.hidden_size, dtype=dtype, device=device)
 
         shift_labels = shift_weights = None
@@ -1332,8 +1340,9 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
 
         def on_text(columns, real, hidden):
             nonlocal loss_sum
-            slots = keep_slot.gather(1, columns)
-            _scatter_rows(kept, slots.clamp(min=0), real & (slots >= 0), hidden)
+            if K:
+                found = torch.searchsorted(keep_sorted, columns).clamp(max=K - 1)  # (B, n) into the sorted columns
+                _scatter_rows(kept, keep_order[found], real & (keep_sorted[found] == columns), hidden)
             if shift_labels is not None:
                 targets = shift_labels.gather(1, columns).masked_fill(~real, -100)
                 logits = self.lm_head(hidden).float()
