@@ -83,7 +83,10 @@ def test_prompt_completion_rows_and_trl_completion_only_labels(tmp_path):
     question_ids = tokenizer(f"\n\nQuestion: {row['question']}\nAnswer:")["input_ids"]
     answer_ids = tokenizer(" " + row["answers"][0])["input_ids"] + [tokenizer.eos_token_id]
     assert prepared["input_ids"] == context_ids + question_ids + answer_ids  # TRL tokenized prompt + completion + EOS
-    assert prepared["labels"] == [-100] * (len(context_ids) + len(question_ids)) + answer_ids  # completion only
+    if "labels" in prepared:  # TRL >= 1.10 builds the labels while preparing the data
+        assert prepared["labels"] == [-100] * (len(context_ids) + len(question_ids)) + answer_ids  # completion only
+    else:  # earlier TRL leaves a completion mask for the collator
+        assert prepared["completion_mask"] == [0] * (len(context_ids) + len(question_ids)) + [1] * len(answer_ids)
 
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     mask = batch["context_attention_mask"][0].bool()

@@ -173,7 +173,13 @@ class RamSFTCollator:
     pad_token_id: int = 0
 
     def split(self, example: dict) -> dict:
-        ids, labels = list(example["input_ids"]), list(example["labels"])
+        ids = list(example["input_ids"])
+        if "labels" in example:
+            labels = list(example["labels"])
+        elif "completion_mask" in example:  # TRL before 1.10 leaves the masking to the collator
+            labels = [token if keep else -100 for token, keep in zip(ids, example["completion_mask"], strict=True)]
+        else:
+            raise ValueError("expected TRL-prepared examples with labels or a completion_mask (prompt-completion data)")
         answer_start = next((index for index, label in enumerate(labels) if label != -100), None)
         if not answer_start or any(label == -100 for label in labels[answer_start:]):
             raise ValueError(
