@@ -105,3 +105,24 @@ def test_bad_configs_and_inputs_raise_clear_errors(model):
         model(ids.float())
     with pytest.raises(ValueError, match="non-empty"):
         model(ids[0])
+
+
+def test_pipeline_answers_from_a_saved_state(model, document, tmp_path):
+    from transformers import pipeline
+
+    from tests.test_convert import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(VOCAB)
+    document = 30 + document % 70  # words w30..w99: none starts with the special tokens' w1 / w2
+    text = " ".join(f"w{int(i)}" for i in document[0])
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert torch.equal(ids, document)
+    model.read(ids).save(tmp_path / "doc.safetensors")
+    question = " ".join(f"w{30 + int(i) % 70}" for i in questions(1)[0][0])
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, return_full_text=False)
+    from_state = generator(text + " " + question, cache=CometCache.load(tmp_path / "doc.safetensors"), **kwargs)
+    assert from_state == generator(text + " " + question, **kwargs)
+    other_document = CometCache.load(tmp_path / "doc.safetensors")
+    with pytest.raises(ValueError, match="does not start with"):  # the pipeline hands the state to generate
+        generator("w31 " + text + " " + question, cache=other_document, **kwargs)
