@@ -2,11 +2,16 @@
 transformers floor the model files check."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from convert.publish import blocked_import_preamble
 from convert.to_ram import build_ram, check_parity, convert, map_base_key, map_state_dict
 from modeling_comet.modeling_ram import RamForCausalLM, RamModel
 from modeling_comet.requirements import MIN_TRANSFORMERS_VERSION, check_transformers_version
@@ -143,3 +148,25 @@ def test_floor_is_the_same_in_pyproject_and_model_files():
     floor = re.search(r'"transformers>=([\d.]+)', pyproject).group(1)
     assert tuple(map(int, floor.split("."))) + (0,) * (3 - len(floor.split("."))) == tuple(
         map(int, MIN_TRANSFORMERS_VERSION.split(".")))
+
+
+def test_checkpoint_code_stops_on_an_older_transformers_with_the_version_to_install(tmp_path):
+    RamForCausalLM.from_base(tiny_base(), encoder_layers=1, segment_size=4).save_pretrained(tmp_path / "ram")
+    script = blocked_import_preamble() + textwrap.dedent(
+        f"""
+        import transformers
+        transformers.__version__ = "5.1.0"  # what an older installation reports
+        from transformers import AutoConfig
+        try:
+            AutoConfig.from_pretrained({str(tmp_path / "ram")!r}, trust_remote_code=True)
+        except ImportError as error:
+            print("IMPORT-ERROR", error)
+        """
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"IMPORT-ERROR This model's code needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers 5.1.0" in (
+        result.stdout)
