@@ -23,6 +23,7 @@ from modeling_comet.configuration_ram import RamConfig
 from modeling_comet.modeling_ram import RamForCausalLM
 
 from .atomic import atomic_directory
+from .cards import base_model_info, render_card
 from .to_comet import load_base, looks_like_path
 
 NEW_KEY_PREFIX = "alignment."
@@ -116,8 +117,6 @@ def convert(
     **ram_fields,
 ) -> Path:
     """Convert ``base_path`` into a RAM checkpoint at ``output_dir``."""
-    from .to_comet import render_model_card  # one card renderer for both methods (`convert.cards`)
-
     output_dir = Path(output_dir)
     RamConfig(**ram_fields)  # invalid fields fail here, before the (slow) load
     protect = [base_path] if looks_like_path(str(base_path)) else []
@@ -129,8 +128,10 @@ def convert(
     with atomic_directory(output_dir, overwrite=overwrite, protect=protect) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        card = render_model_card(model.config, str(base_path), output_dir.name, training_note, str(output_dir))
-        (tmp / "README.md").write_text(card)
+        base_info = base_model_info(base_path, required=False)
+        card = render_card(model.config, base_info, model_name=output_dir.name, repo_id=str(output_dir),
+                           training_note=training_note, require_hub_metadata=False)
+        card.save(tmp / "README.md")
     print(f"wrote {output_dir} (every segment kept: max |Δlogit| against the base = {diff:.2e})")
     return output_dir
 
