@@ -1,7 +1,7 @@
 """Model code of the library: CoMeT and RAM (and the files a Hub checkpoint carries).
 
 Importing this package also registers the models with the transformers Auto classes, so that
-`AutoModelForCausalLM.from_pretrained(folder)` works without `trust_remote_code` when it is installed.
+`AutoModel` / `AutoModelForCausalLM.from_pretrained(folder)` work without `trust_remote_code` when it is installed.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM

@@ -27,7 +27,8 @@ def check_supported_base(base_config: PreTrainedConfig, method: str = "CoMeT") -
 @strict
 class CometConfig(PreTrainedConfig):
     r"""
-    Configuration of a [`CometForCausalLM`]: a pretrained decoder (the *base*) plus the CoMeT memory.
+    Configuration of a [`CometModel`] / [`CometForCausalLM`]: a pretrained decoder (the *base*) plus the CoMeT memory.
+    `base_config` is required; build from a pretrained model with `CometForCausalLM.from_base(base, **memory_fields)`.
 
     The input is read in chunks of `chunk_size` text tokens. Chunk τ>0 is laid out as
     `[global_mem_size global slots][temporary slots][text][beacons][global_mem_size readouts]`;

@@ -11,10 +11,17 @@ only, so an input shorter than one chunk gives exactly the base model's logits. 
 readouts see the slots, the text before them and earlier beacons; their layer-l outputs become
 layer l's temporary (FIFO) and global (gated) memory for the next chunk.
 
-Training runs every chunk as one sequence (chunk-major or layer-major, same result, full
-back-propagation through the memories). Generation keeps one window in a fixed-size KV buffer
-(:class:`CometCache`): text is written as it arrives, and a full window is folded into memory by
-running only the beacon and readout tokens against the cached keys and values.
+Structure, as in transformers: :class:`CometModel` is the backbone (the base model's embeddings,
+decoder layers, norm and rotary embedding, the memory ``comet_memory`` and the window logic) and
+returns text hidden states; :class:`CometForCausalLM` adds the LM head and computes the loss chunk
+by chunk from the backbone's per-chunk outputs. The input is embedded one chunk at a time: only
+token ids and index tensors span the whole input.
+
+Without a cache, every chunk runs as one sequence (chunk-major or layer-major, same result, full
+back-propagation through the memories): training and scoring. With a cache (generation, reading),
+one window is kept in a fixed-size KV buffer (:class:`CometCache`): text is written as it arrives,
+and a full window is folded into memory by running only the beacon and readout tokens against the
+cached keys and values. The cache is also a document state that can be saved, copied and expanded.
 
 This file is part of the remote code a checkpoint carries: flat, relative imports, torch and
 transformers only.
@@ -23,6 +30,8 @@ transformers only.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from dataclasses import dataclass
 from functools import partial
 
@@ -476,9 +485,6 @@ class CometCache(Cache):
 
 def config_fingerprint(config: CometConfig) -> str:
     """A short hash of what a CometCache depends on: the memory fields and the base architecture."""
-    import hashlib
-    import json
-
     base = config.base_config
     fields = {name: getattr(config, name) for name in CometConfig.MEMORY_FIELDS}
     for name in (

@@ -197,3 +197,38 @@ def test_device_map_split_is_refused_clearly(tmp_path):
              "model.comet_memory": "cpu", "lm_head": "disk"}
     with pytest.raises(ValueError, match="CoMeT runs on one device"):
         CometForCausalLM.from_pretrained(tmp_path, device_map=split, offload_folder=str(tmp_path / "offload"))
+
+
+def test_automodel_remote_code_in_a_fresh_process(tmp_path):
+    """`AutoModel.from_pretrained(folder, trust_remote_code=True)` gives the backbone without this package."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    model = tiny_comet()
+    model.save_pretrained(tmp_path)
+    ids = random_ids(1, 40)
+    with torch.no_grad():
+        torch.save({"ids": ids, "hidden": model.model(ids).last_hidden_state}, tmp_path / "reference.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        class BlockProject:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("modeling_comet", "training", "convert", "evaluation"):
+                    raise ImportError("this package must not be importable here: " + name)
+        sys.meta_path.insert(0, BlockProject())
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        assert type(model).__name__ == "CometModel" and type(model).__module__.startswith("transformers_modules")
+        ref = torch.load({str(tmp_path / "reference.pt")!r})
+        with torch.no_grad():
+            print((model(ref["ids"]).last_hidden_state - ref["hidden"]).abs().max().item())
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.strip().splitlines()[-1]) == 0.0
