@@ -22,7 +22,7 @@ import torch
 from modeling_comet.configuration_ram import RamConfig
 from modeling_comet.modeling_ram import RamForCausalLM
 
-from .atomic import atomic_directory
+from .atomic import atomic_directory, check_replaceable
 from .cards import base_model_info, render_card
 from .to_comet import load_base, looks_like_path
 
@@ -120,6 +120,7 @@ def convert(
     output_dir = Path(output_dir)
     RamConfig(**ram_fields)  # invalid fields fail here, before the (slow) load
     protect = [base_path] if looks_like_path(str(base_path)) else []
+    check_replaceable(output_dir, overwrite, protect=protect)  # before the (slow) load
     base, tokenizer = load_base(base_path, trust_remote_code)
     if len(tokenizer) > base.config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {base.config.vocab_size}")

@@ -78,6 +78,8 @@ def test_convert_writes_a_loadable_ram_checkpoint_with_pipeline_and_card(base_fo
     assert config["model_type"] == "ram" and config["encoder_layers"] == 2
     assert "ram-question-answering" in config["custom_pipelines"]
     assert "| keep_ratio | 0.5 |" in (out / "README.md").read_text()
+    convert(base_folder, out, encoder_layers=2, segment_size=4, keep_ratio=0.25)  # replaces its own checkpoint
+    assert json.loads((out / "config.json").read_text())["keep_ratio"] == 0.25
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     base = AutoModelForCausalLM.from_pretrained(base_folder).eval()
     context, question = torch.randint(3, VOCAB, (1, 16)), torch.randint(3, VOCAB, (1, 3))
@@ -93,6 +95,14 @@ def test_convert_refuses_a_missing_base_and_bad_fields_without_writing(tmp_path,
     with pytest.raises(ValueError, match="keep_ratio"):
         convert(base_folder, tmp_path / "out", keep_ratio=0)
     assert not (tmp_path / "out").exists()
+    user_folder = tmp_path / "notes"
+    user_folder.mkdir()
+    (user_folder / "todo.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a checkpoint this tool wrote"):
+        convert(base_folder, user_folder, encoder_layers=1, segment_size=4)
+    with pytest.raises(FileExistsError, match="contains the source"):
+        convert(base_folder, tmp_path, encoder_layers=1, segment_size=4, overwrite=True)
+    assert (user_folder / "todo.txt").read_text() == "keep me"
 
 
 def test_auto_model_loads_the_causal_lm_checkpoint_as_backbone(tmp_path):
