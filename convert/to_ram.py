@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--contrastive-temperature", type=float, default=0.05)
     parser.add_argument("--contrastive-weight", type=float, default=1.0)
     parser.add_argument("--overwrite", action="store_true", help="replace an output folder that is not ours")
-    parser.add_argument("--trust-remote-code", action="store_true", help="let the base run code from its repo")
+    parser.add_argument("--trust-remote-code", "--trust_remote_code", action="store_true",
+                        help="let the base model run modelling code from its folder or repo")
     return parser
 
 
