@@ -97,3 +97,16 @@ def test_text_iterator_streamer_streams_what_generate_returns(tokenizer):
     thread.join()
     assert len(pieces) > 1
     assert "".join(pieces).split() == tokenizer.decode(expected[0, ids.shape[1] :]).split()
+
+
+def test_generate_returns_hidden_states_and_attentions_per_step():
+    model = tiny_comet(attn="eager")
+    ids = random_ids(2, 30)  # longer than one chunk
+    out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_hidden_states=True,
+                         output_attentions=True, return_dict_in_generate=True)
+    window = model.model._layout("cpu").size
+    assert len(out.hidden_states) == len(out.attentions) == 4
+    assert [h.shape for h in out.hidden_states[0]] == [(2, 30, 64)] * 3  # prefill: every prompt position
+    assert [h.shape for h in out.hidden_states[1]] == [(2, 1, 64)] * 3
+    assert [a.shape for a in out.attentions[1]] == [(2, 4, 1, window)] * 2
+    assert torch.equal(out.sequences, model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False))
