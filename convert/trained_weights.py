@@ -49,6 +49,17 @@ def _memory_prefix(model: torch.nn.Module) -> str:
     raise ValueError("the model has no comet_memory module: is it a CoMeT model?")
 
 
+def remap_memory_keys(state: dict, model: torch.nn.Module) -> dict:
+    """Rename the memory keys of a state dict (plain or PEFT adapter) to where ``model`` keeps its memory.
+
+    Checkpoints written before `CometModel` existed keep the memory at the top level (``comet_memory.*``,
+    ``base_model.model.comet_memory.*`` in a PEFT adapter); the memory now lives in the backbone
+    (``model.comet_memory.*``). Keys outside the memory are returned unchanged.
+    """
+    target = _memory_prefix(model)
+    return {(target + key.split(MEMORY, 1)[1] if MEMORY in key else key): value for key, value in state.items()}
+
+
 def save_trained_weights(model: torch.nn.Module, path: str | Path) -> Path:
     """Write the memory parameters and any LoRA factors of ``model`` (a CoMeT model, PEFT-wrapped or not)."""
     from safetensors.torch import save_file
@@ -133,4 +144,4 @@ def apply_trained_weights(model: torch.nn.Module, path: str | Path) -> dict:
     return metadata
 
 
-__all__ = ["FORMAT", "apply_trained_weights", "read_metadata", "save_trained_weights"]
+__all__ = ["FORMAT", "apply_trained_weights", "read_metadata", "remap_memory_keys", "save_trained_weights"]

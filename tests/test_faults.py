@@ -261,11 +261,6 @@ def test_ram_trainer_reports_a_missing_train_file_in_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "no such file" in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="training.comet_trainer builds the model (fresh memory, LoRA) before Trainer seeds the run, so two runs "
-    "with the same --seed start from different weights; fix: set_seed(config.seed) before build_model in main",
-)
 def test_two_fresh_comet_runs_with_the_same_seed_start_from_the_same_weights(base, tmp_path, monkeypatch):
     from training import comet_trainer
 
@@ -293,11 +288,6 @@ def test_two_fresh_comet_runs_with_the_same_seed_start_from_the_same_weights(bas
         assert torch.equal(captured[0][name], captured[1][name]), name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="resolve_resume('latest') takes the highest-numbered checkpoint-N folder even when a kill interrupted "
-    "its writing (Trainer writes trainer_state.json last); fix: skip folders without a readable trainer_state.json",
-)
 def test_latest_skips_a_checkpoint_whose_writing_was_killed(tmp_path):
     from training.comet_config import CometTrainingConfig
     from training.comet_trainer import resolve_resume

@@ -37,12 +37,6 @@ def save_then_maybe_die(self, *args, **kwargs):
     return result
 
 Trainer._save_checkpoint = save_then_maybe_die
-if os.environ.get("SEED_BEFORE_MAIN"):
-    # training.comet_trainer builds the model (fresh memory and LoRA weights) before Trainer seeds the run, so two
-    # fresh runs differ from their first step; see test_faults.py. Seeding here isolates what resuming restores.
-    from transformers import set_seed
-
-    set_seed(int(os.environ["SEED_BEFORE_MAIN"]))
 module = importlib.import_module(sys.argv[1])
 module.main(json.loads(sys.argv[2]))
 """
@@ -70,10 +64,8 @@ def tiny_base(tmp_path_factory) -> Path:
     return folder
 
 
-def run_child(module: str, argv: list[str], kill_after: int = 0, seed: int = 0) -> subprocess.CompletedProcess:
+def run_child(module: str, argv: list[str], kill_after: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KILL_AFTER_STEP": str(kill_after)}
-    if seed:
-        env["SEED_BEFORE_MAIN"] = str(seed)
     env.pop("WANDB_MODE", None)
     return subprocess.run(
         [sys.executable, "-c", CHILD, module, json.dumps(argv)], cwd=REPO, env=env, capture_output=True, text=True,
@@ -109,11 +101,11 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def test_comet_trainer_killed_and_resumed_reaches_the_same_losses(tiny_base, corpus, tmp_path):
-    reference = run_child("training.comet_trainer", comet_argv(tiny_base, corpus, tmp_path / "reference"), seed=3)
+    reference = run_child("training.comet_trainer", comet_argv(tiny_base, corpus, tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     out = tmp_path / "interrupted"
-    killed = run_child("training.comet_trainer", comet_argv(tiny_base, corpus, out), kill_after=4, seed=3)
+    killed = run_child("training.comet_trainer", comet_argv(tiny_base, corpus, out), kill_after=4)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 

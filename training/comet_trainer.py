@@ -19,6 +19,7 @@ A run never overwrites the checkpoints of an earlier one: rerun with `--resume_f
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
@@ -27,8 +28,8 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, default_data_collator
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, default_data_collator, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from modeling_comet import CometForCausalLM
 
@@ -226,11 +227,42 @@ class CometTrainer(Trainer):
             logs[key] = round(sum(values) / len(values), 4)
         super().log(logs, *args, **kwargs)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Load a PEFT checkpoint with its memory keys mapped to this model's layout (checkpoints written before
+        `CometModel` keep the memory at the top level); refuse one whose weights do not all fit."""
+        model = model if model is not None else self.model
+        adapter = Path(resume_from_checkpoint) / "adapter_model.safetensors"
+        if not (hasattr(model, "peft_config") and adapter.is_file()):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from convert.trained_weights import remap_memory_keys
+
+        state = remap_memory_keys(load_file(adapter), model)
+        result = set_peft_model_state_dict(model, state)
+        if result.unexpected_keys:
+            raise KeyError(f"{adapter} holds weights this model does not have: {result.unexpected_keys[:5]}")
+
     def _load_callback_state(self) -> None:
         super()._load_callback_state()
         stored = self.state.stateful_callbacks.get(type(self.curriculum).__name__) if self.curriculum else None
         if stored:
             self.curriculum.load_state(stored[0] if isinstance(stored, list) else stored)
+
+
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest ``checkpoint-N`` whose writing finished (Trainer writes ``trainer_state.json`` last), or None."""
+    if not output_dir.is_dir():
+        return None
+    done = []
+    for folder in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            done.append((int(folder.name.rsplit("-", 1)[1]), folder))
+        except (OSError, ValueError):
+            continue
+    return str(max(done)[1]) if done else None
 
 
 def resolve_resume(config: CometTrainingConfig) -> str | None:
@@ -240,7 +272,7 @@ def resolve_resume(config: CometTrainingConfig) -> str | None:
     there is none); any other value must be a checkpoint folder.
     """
     out = Path(config.output_dir)
-    existing = get_last_checkpoint(str(out)) if out.is_dir() else None
+    existing = last_complete_checkpoint(out)
     wanted = config.resume_from_checkpoint
     if wanted is None or str(wanted).lower() in ("", "false", "none"):
         if existing is not None:
@@ -270,6 +302,7 @@ def parse_config(argv: list[str] | None) -> CometTrainingConfig:
 def main(argv: list[str] | None = None) -> dict:
     config = parse_config(argv)
     resume = resolve_resume(config)
+    set_seed(config.seed)  # fresh memory and LoRA weights are drawn when the model is built
     model, tokenizer = build_model(config)
     comet_config = comet_config_of(model)
     curriculum = None
@@ -310,7 +343,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from evaluation.common import run_cli
+
+    run_cli(main)
 
 
 __all__ = [
