@@ -296,6 +296,7 @@ class CometCache(Cache):
         self.key_valid: torch.Tensor | None = None  # (B, window size)
         self.window_fill: torch.Tensor | None = None  # (B,) text tokens in the live window
         self.token_hash: torch.Tensor | None = None  # (B,) hash of the input columns read; -1 if read as embeddings
+        self.slots_pending: torch.Tensor | None = None  # (B,) window opened, memory slots' keys/values not written yet
         self.seen_tokens = 0  # input columns consumed, padding included (what generate slices by)
         self.model_fingerprint: str | None = None  # hash of the configuration of the model that built it
         self._write_index: torch.Tensor | None = None
@@ -347,6 +348,7 @@ class CometCache(Cache):
         self.key_valid = torch.zeros(batch_size, window_size, dtype=torch.bool, device=device)
         self.window_fill = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.token_hash = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.slots_pending = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.seen_tokens = 0
         self.model_fingerprint = config_fingerprint(config)
 
@@ -391,11 +393,12 @@ class CometCache(Cache):
     def nbytes(self) -> int:
         if self.memory is None:
             return 0
-        buffers = [*self.keys, *self.values, self.key_valid, self.window_fill]
+        buffers = [*self.keys, *self.values, self.key_valid, self.window_fill, self.token_hash, self.slots_pending]
         return self.memory.nbytes() + sum(t.numel() * t.element_size() for t in buffers)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         named = {"key_valid": self.key_valid, "window_fill": self.window_fill, "token_hash": self.token_hash}
+        named["slots_pending"] = self.slots_pending
         named["global_valid"], named["temp_valid"] = self.memory.global_valid, self.memory.temp_valid
         for field in ("global_state", "global_memory", "temp_memory"):
             named.update({f"{field}.{i}": t for i, t in enumerate(getattr(self.memory, field))})
@@ -420,6 +423,7 @@ class CometCache(Cache):
         )
         cache.keys, cache.values = stack("keys"), stack("values")
         cache.key_valid, cache.window_fill, cache.token_hash = named["key_valid"], named["window_fill"], named["token_hash"]
+        cache.slots_pending = named["slots_pending"]
         cache.seen_tokens, cache.model_fingerprint = seen_tokens, model_fingerprint
         return cache
 
@@ -896,9 +900,13 @@ class CometModel(CometPreTrainedModel):
                     nxt.temp_memory[layer] = new_memory[2]
 
     # ------------------------------------------------------------------ cache path (generation, reading)
-    def _cache_step(self, cache: CometCache, hidden, query_index, position_ids, inject_slots: bool, on_layer=None):
+    def _cache_step(self, cache: CometCache, hidden, query_index, position_ids, slot_rows: int = 0, on_layer=None):
         """Run all layers on queries written at ``query_index`` (B, q) of the window buffer; return each layer's
-        output (B, q, d)."""
+        output (B, q, d).
+
+        The first ``slot_rows`` queries are the memory slots of freshly opened windows: before each layer their
+        hidden states are overwritten with that layer's memory, and only their keys and values are used.
+        """
         layout = self._layout(hidden.device)
         keys = torch.arange(layout.size, device=hidden.device)
         allowed = layout.mask(query_index, keys, cache.key_valid)
@@ -910,8 +918,8 @@ class CometModel(CometPreTrainedModel):
         outputs = []
         try:
             for layer in range(self.config.base_config.num_hidden_layers):
-                if inject_slots:
-                    hidden = cache.memory.slots(layer).to(hidden.dtype)
+                if slot_rows:
+                    hidden = torch.cat([cache.memory.slots(layer).to(hidden.dtype), hidden[:, slot_rows:]], dim=1)
                 hidden = self._run_layer(layer, hidden, mask, position_embeddings, position_ids, cache=cache)
                 if on_layer is not None:
                     on_layer(layer, hidden=hidden, key_index=keys)
@@ -921,23 +929,16 @@ class CometModel(CometPreTrainedModel):
         return outputs
 
     def _start_windows(self, cache: CometCache, samples: torch.Tensor) -> None:
-        """Open a fresh window for ``samples`` (B,) bool: clear it and write its memory slots' keys/values."""
+        """Open a fresh window for ``samples`` (B,) bool: clear it. Its memory slots' keys and values are written
+        together with the window's first text (one pass instead of two)."""
         layout = self._layout(samples.device)
-        B = samples.shape[0]
         slot_valid = cache.memory.slot_valid(self.config.global_mem_size)
         cache.key_valid = torch.where(samples[:, None], False, cache.key_valid)
         cache.key_valid[:, : layout.num_slots] = torch.where(
             samples[:, None], slot_valid, cache.key_valid[:, : layout.num_slots]
         )
         cache.window_fill = torch.where(samples, 0, cache.window_fill)
-        if layout.num_slots == 0 or not bool((samples[:, None] & slot_valid).any()):
-            return
-        slot_index = torch.arange(layout.num_slots, device=samples.device)[None].expand(B, -1)
-        query_index = torch.where(samples[:, None], slot_index, layout.scratch)
-        position_ids, _ = self._slot_positions(slot_valid)
-        dtype = cache.memory.global_memory[0].dtype
-        placeholder = torch.zeros(B, layout.num_slots, self.config.base_config.hidden_size, dtype=dtype, device=samples.device)
-        self._cache_step(cache, placeholder, query_index, position_ids, inject_slots=True)
+        cache.slots_pending = cache.slots_pending | (samples & slot_valid.any(1))
 
     def _fold_windows(self, cache: CometCache, samples: torch.Tensor) -> None:
         """Fold the full windows of ``samples`` into memory (beacons and readouts only) and reopen them."""
@@ -950,7 +951,7 @@ class CometModel(CometPreTrainedModel):
         position_ids = text_start[:, None] + layout.fold_positions
         cache.key_valid[:, layout.beacon_start : layout.scratch] = samples[:, None]
         dtype = cache.memory.global_memory[0].dtype
-        outputs = self._cache_step(cache, self._special_embeddings(B, dtype), query_index, position_ids, False)
+        outputs = self._cache_step(cache, self._special_embeddings(B, dtype), query_index, position_ids)
         state = cache.memory
         nb = self.config.beacons_per_chunk
         new_memories = []
@@ -997,11 +998,19 @@ class CometModel(CometPreTrainedModel):
             written = torch.zeros_like(cache.key_valid).scatter_(1, query_index, real)
             written[:, layout.scratch] = False
             cache.key_valid = cache.key_valid | written
-            _, text_start = self._slot_positions(cache.memory.slot_valid(self.config.global_mem_size))
+            slot_valid = cache.memory.slot_valid(self.config.global_mem_size)
+            slot_positions, text_start = self._slot_positions(slot_valid)
             position_ids = text_start[:, None] + cache.window_fill[:, None] + steps
-            record = partial(recorder.layer_output, columns=columns, real=real, query_rows=slice(None))
-            outputs = self._cache_step(cache, hidden, query_index, position_ids, inject_slots=False, on_layer=record)
-            on_text(columns, real, self.norm(outputs[-1]))
+            slot_rows = layout.num_slots if bool(cache.slots_pending.any()) else 0
+            if slot_rows:  # write the memory slots of windows opened since the last step
+                slot_index = torch.arange(slot_rows, device=device)[None]
+                query_index = torch.cat([torch.where(cache.slots_pending[:, None], slot_index, layout.scratch), query_index], 1)
+                position_ids = torch.cat([slot_positions, position_ids], 1)
+                hidden = torch.cat([hidden.new_zeros(B, slot_rows, hidden.shape[-1]), hidden], 1)
+                cache.slots_pending = torch.zeros_like(cache.slots_pending)
+            record = partial(recorder.layer_output, columns=columns, real=real, query_rows=slice(slot_rows, None))
+            outputs = self._cache_step(cache, hidden, query_index, position_ids, slot_rows, on_layer=record)
+            on_text(columns, real, self.norm(outputs[-1][:, slot_rows:]))
             cache.window_fill = cache.window_fill + take
             consumed = consumed + take
             full = cache.window_fill >= C
