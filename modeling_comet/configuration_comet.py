@@ -99,6 +99,19 @@ class CometConfig(PreTrainedConfig):
         self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
         self.check_memory_fields()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> CometConfig:
+        # A saved CoMeT configuration names every memory field: one without them is not a CoMeT checkpoint, and
+        # filling in defaults would silently build a model the weights were not trained for.
+        missing = [name for name in cls.MEMORY_FIELDS if name not in config_dict and name not in kwargs]
+        if missing:
+            raise ValueError(
+                f"This configuration (model_type {config_dict.get('model_type')!r}) lacks the CoMeT memory field(s) "
+                f"{missing}: it is not a CoMeT checkpoint. Build one from a base model with "
+                "CometForCausalLM.from_base(base_model_or_path, **memory_fields)."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     def check_memory_fields(self):
         """Check every memory field in one place; raise a ValueError naming the bad values."""
         check_supported_base(self.base_config)

@@ -94,6 +94,10 @@ def test_state_refuses_another_model_or_a_prompt_that_does_not_extend_it(model, 
 def test_bad_configs_and_inputs_raise_clear_errors(model):
     with pytest.raises(ValueError, match="needs base_config"):
         CometConfig()
+    config = CometConfig(base_config=tiny_base().config, **MEMORY).to_dict()
+    del config["temp_mem_budget"]
+    with pytest.raises(ValueError, match=r"lacks the CoMeT memory field\(s\) \['temp_mem_budget'\]"):
+        CometConfig.from_dict(config)
     with pytest.raises(ValueError, match="Unknown CometConfig field.*chunk_sise"):
         CometForCausalLM.from_base(tiny_base(), chunk_sise=16)
     ids = random_ids(2, 20)
