@@ -3,9 +3,15 @@
     python -m convert.comet_default        # prints the folder, building it on first use
 
 Memory: chunk 256, 8 global slots, a beacon every 16 tokens, temporary budget 64 (four chunks).
-When the repository ships trained memory weights (``checkpoints/smollm2-comet-memory.safetensors``,
-only the ``comet_memory.*`` tensors), they are loaded into the model; the cached folder is rebuilt
-whenever that file changes. The folder lives under ``$COMET_CACHE`` (default ``~/.cache/comet``).
+The repository ships trained weights, which are applied in this order of preference:
+
+* ``checkpoints/smollm2-comet-recall.safetensors``: memory plus LoRA factors from recall training
+  (`training/recipes/smollm2_recall.yaml`, exported with `training.export_weights`), described by
+  ``checkpoints/smollm2-comet-recall.json`` (steps, command, what was measured);
+* ``checkpoints/smollm2-comet-memory.safetensors``: memory only, from a short language-modelling run.
+
+The cached folder is rebuilt whenever the weights change. It lives under ``$COMET_CACHE`` (default
+``~/.cache/comet``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from .atomic import atomic_file
 from .smollm2 import cache_root, smollm2_path
 
 DEFAULT_MEMORY = dict(chunk_size=256, global_mem_size=8, temp_beacon_stride=16, temp_mem_budget=64)
-MEMORY_WEIGHTS = Path(__file__).resolve().parent.parent / "checkpoints" / "smollm2-comet-memory.safetensors"
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+RECALL_WEIGHTS = CHECKPOINTS / "smollm2-comet-recall.safetensors"
+RECALL_INFO = CHECKPOINTS / "smollm2-comet-recall.json"
+MEMORY_WEIGHTS = CHECKPOINTS / "smollm2-comet-memory.safetensors"
 STAMP = "comet_default.json"
 TRAINED_NOTE = (
     "Only the memory parameters were fine-tuned (base frozen), for 60 steps (10 CPU minutes) with the "
@@ -31,9 +40,23 @@ TRAINED_NOTE = (
 )
 
 
+def _sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 def _fingerprint() -> dict:
-    weights = hashlib.sha256(MEMORY_WEIGHTS.read_bytes()).hexdigest() if MEMORY_WEIGHTS.is_file() else None
-    return {"memory": DEFAULT_MEMORY, "memory_weights_sha256": weights}
+    return {
+        "memory": DEFAULT_MEMORY,
+        "memory_weights_sha256": _sha256(MEMORY_WEIGHTS),
+        "recall_weights_sha256": _sha256(RECALL_WEIGHTS),
+        "recall_info_sha256": _sha256(RECALL_INFO),
+    }
+
+
+def recall_note() -> str:
+    """The model card's training note for the recall weights, from ``RECALL_INFO``."""
+    info = json.loads(RECALL_INFO.read_text()) if RECALL_INFO.is_file() else {}
+    return info.get("note", "Memory and LoRA factors trained on passkey and associative recall.")
 
 
 def comet_default_path(force: bool = False) -> Path:
@@ -45,8 +68,12 @@ def comet_default_path(force: bool = False) -> Path:
         return target
     from .to_comet import convert
 
-    trained = fingerprint["memory_weights_sha256"] is not None
-    kwargs = dict(memory_weights=MEMORY_WEIGHTS, training_note=TRAINED_NOTE) if trained else {}
+    if fingerprint["recall_weights_sha256"] is not None:
+        kwargs = dict(trained_weights=RECALL_WEIGHTS, training_note=recall_note())
+    elif fingerprint["memory_weights_sha256"] is not None:
+        kwargs = dict(memory_weights=MEMORY_WEIGHTS, training_note=TRAINED_NOTE)
+    else:
+        kwargs = {}
     convert(smollm2_path(), target, **kwargs, **DEFAULT_MEMORY)
     with atomic_file(target / STAMP) as tmp:
         tmp.write_text(json.dumps(fingerprint))

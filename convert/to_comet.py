@@ -195,16 +195,22 @@ def convert(
     memory_weights: str | Path | None = None,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    trained_weights: str | Path | None = None,
     **memory_fields,
 ) -> Path:
-    """Convert ``base_path`` into a CoMeT checkpoint at ``output_dir`` (see the module doc for what is refused)."""
+    """Convert ``base_path`` into a CoMeT checkpoint at ``output_dir`` (see the module doc for what is refused).
+
+    ``trained_weights`` (a `convert.trained_weights` file: memory plus LoRA factors) is applied after the parity
+    check, since merged LoRA factors change the base weights on purpose.
+    """
     output_dir = Path(output_dir)
     check_memory_fields(memory_fields)
     check_base_source(base_path)
     protect = [base_path] if looks_like_path(str(base_path)) else []
     check_replaceable(output_dir, overwrite, protect=protect)  # before the (slow) load
-    if memory_weights is not None and not Path(memory_weights).is_file():
-        raise FileNotFoundError(f"memory weights not found: {memory_weights}")
+    for weights in (memory_weights, trained_weights):
+        if weights is not None and not Path(weights).is_file():
+            raise FileNotFoundError(f"trained weights not found: {weights}")
     base, tokenizer = load_base(base_path, trust_remote_code)
     if len(tokenizer) > base.config.vocab_size:
         raise ValueError(
@@ -215,6 +221,10 @@ def convert(
         load_memory_weights(model, memory_weights)
     check_key_mapping(base.state_dict(), model.state_dict(), model.config.tie_word_embeddings)
     diff = check_parity(base, model, base.config.vocab_size, min(model.config.chunk_size, 64))
+    if trained_weights is not None:
+        from .trained_weights import apply_trained_weights
+
+        apply_trained_weights(model, trained_weights)
 
     with atomic_directory(output_dir, overwrite=overwrite, protect=protect) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -241,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--position-layout", choices=["default", "epl"], default="default")
     parser.add_argument("--memory-weights", default=None, help="trained comet_memory.* safetensors to load")
     parser.add_argument(
+        "--trained-weights", default=None, help="trained memory + LoRA file (training.export_weights) to apply"
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="replace an output folder that is not a checkpoint of ours"
     )
     parser.add_argument(
@@ -264,6 +277,7 @@ def main(argv: list[str] | None = None) -> Path:
         adapter_rank=args.adapter_rank,
         position_layout=args.position_layout,
         memory_weights=args.memory_weights,
+        trained_weights=args.trained_weights,
         overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code,
     )
