@@ -1413,6 +1413,12 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
         # A cache passed in must come from this model and the prompt must extend what it has read.
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        mask = kwargs.get("attention_mask")
+        if torch.is_tensor(mask) and mask.dim() == 2 and bool((mask[:, -1] == 0).any()):
+            raise ValueError(
+                "CoMeT generates after the last column of every row, so a batch must be padded on the left "
+                "(tokenizer.padding_side = 'left'); this attention_mask ends in padding."
+            )
         if isinstance(cache, CometCache) and cache.is_initialized:
             cache.check_model(self.config)
             if torch.is_tensor(input_ids) and input_ids.dim() == 2 and not input_ids.is_floating_point():

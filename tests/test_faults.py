@@ -327,3 +327,20 @@ def test_an_unwritable_evaluation_output_is_refused_before_loading(tmp_path, mon
     monkeypatch.setattr(forgetting_curve, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(PermissionError, match="cannot be written: Permission denied"):
         forgetting_curve.main(["--model", "m", "--output-dir", str(tmp_path / "out"), "--max-length", "16"])
+
+
+def test_right_padded_batch_generation_is_refused_before_any_forward():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modeling_comet import CometForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64))
+    model = CometForCausalLM.from_base(base, chunk_size=8, global_mem_size=2, temp_beacon_stride=4, temp_mem_budget=4)
+    ids = torch.randint(3, 64, (2, 6))
+    right = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="padded on the left"):
+        model.generate(ids, attention_mask=right, max_new_tokens=2, pad_token_id=0)
+    left = right.flip(1)
+    assert model.generate(ids, attention_mask=left, max_new_tokens=2, pad_token_id=0).shape == (2, 8)
