@@ -5,7 +5,9 @@
 Evaluates on the held-out samples of `training.comet_trainer` (same packing, same shuffle seed), so a
 model trained with that script is scored on text it did not see. Writes JSON with the mean loss on
 the chunks after the first one, where the memory matters: `full_attention` sees the whole sample,
-`chunk_local` only the current chunk (what a memory that carries nothing would give at best).
+`chunk_local` only the current chunk (what a memory that carries nothing would give at best). It also
+reports the loss on the first chunk alone (inputs shorter than one chunk), where CoMeT equals its base
+model unless training changed the base weights (LoRA): the cost of recall training on short inputs.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from training.comet_config import CometTrainingConfig
 from training.comet_trainer import load_texts, pack_samples
 
 
-def chunk_losses(logits: torch.Tensor, ids: torch.Tensor, chunk: int) -> list[float]:
-    """Mean next-token loss of each chunk after the first (targets inside the chunk)."""
+def chunk_losses(logits: torch.Tensor, ids: torch.Tensor, chunk: int, first: int = 1) -> list[float]:
+    """Mean next-token loss of each chunk from chunk ``first`` on (targets inside the chunk)."""
     out = []
-    for start in range(chunk, ids.shape[1], chunk):
+    for start in range(first * chunk, ids.shape[1], chunk):
         end = min(start + chunk, ids.shape[1])
         out.append(F.cross_entropy(logits[0, start : end - 1].float(), ids[0, start + 1 : end]).item())
     return out
@@ -57,23 +59,30 @@ def main(argv: list[str] | None = None) -> dict:
               for folder in args.comet}
     chunk = next(iter(models.values())).config.chunk_size
     scores: dict[str, list[float]] = {"full_attention": [], "chunk_local": [], **{f: [] for f in models}}
+    # Inputs shorter than one chunk: CoMeT equals its base there, unless training changed base weights (LoRA).
+    short: dict[str, list[float]] = {"base": [], **{f: [] for f in models}}
     with torch.no_grad():
         for ids in tqdm(samples, desc="samples"):
-            scores["full_attention"] += chunk_losses(base(ids).logits, ids, chunk)
+            base_logits = base(ids).logits
+            scores["full_attention"] += chunk_losses(base_logits, ids, chunk)
+            short["base"] += chunk_losses(base_logits[:, :chunk], ids[:, :chunk], chunk, first=0)
             for start in range(chunk, ids.shape[1], chunk):
                 piece = ids[:, start : start + chunk]
                 scores["chunk_local"].append(F.cross_entropy(base(piece).logits[0, :-1], piece[0, 1:]).item())
             for folder, model in models.items():
-                scores[folder] += chunk_losses(model(ids).logits, ids, chunk)
+                logits = model(ids, use_cache=False).logits
+                scores[folder] += chunk_losses(logits, ids, chunk)
+                short[folder] += chunk_losses(logits[:, :chunk], ids[:, :chunk], chunk, first=0)
     report = {
         "sample_tokens": args.sample_tokens,
         "eval_samples": args.eval_samples,
         "chunk_size": chunk,
         "mean_loss_after_first_chunk": {k: statistics.mean(v) for k, v in scores.items()},
+        "mean_loss_first_chunk": {k: statistics.mean(v) for k, v in short.items()},
         "per_chunk": scores,
     }
     atomic_write_json(args.output, report)
-    print(report["mean_loss_after_first_chunk"])
+    print(report["mean_loss_after_first_chunk"], report["mean_loss_first_chunk"])
     return report
 
 

@@ -39,8 +39,14 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
 def load_model_and_tokenizer(
     name: str, trust_remote_code: bool = False, dtype: str = "float32", device: str = "cpu"
 ) -> tuple[torch.nn.Module, Any]:
-    """Load a causal LM and its tokenizer from an alias, a local folder or a Hub repo id."""
+    """Load a causal LM and its tokenizer from an alias, a local folder or a Hub repo id.
+
+    CoMeT and RAM checkpoints load with this package's own classes (registered with the Auto classes on
+    import), so they need no remote code.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import modeling_comet  # noqa: F401  (registers CoMeT and RAM with the Auto classes)
 
     path, needs_remote_code = resolve_model_path(name)
     trust_remote_code = trust_remote_code or needs_remote_code
