@@ -631,8 +631,15 @@ class CometPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("rotary_emb.inv_freq"))
+        if missing:
+            raise ValueError(
+                f"The checkpoint lacks {len(missing)} weight(s) of this CoMeT model (e.g. {missing[:3]}); they would be "
+                "initialised at random. To start from fresh memory, build the model with CometForCausalLM.from_base."
+            )
+        loaded = (model, info) if wants_info else model
         devices = set((getattr(model, "hf_device_map", None) or {}).values())
         if len(devices) > 1:
             raise ValueError(

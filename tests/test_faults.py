@@ -344,3 +344,25 @@ def test_right_padded_batch_generation_is_refused_before_any_forward():
         model.generate(ids, attention_mask=right, max_new_tokens=2, pad_token_id=0)
     left = right.flip(1)
     assert model.generate(ids, attention_mask=left, max_new_tokens=2, pad_token_id=0).shape == (2, 8)
+
+
+def test_a_checkpoint_missing_memory_or_base_weights_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modeling_comet import CometForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64))
+    model = CometForCausalLM.from_base(base, chunk_size=8, global_mem_size=2, temp_beacon_stride=4, temp_mem_budget=4)
+    model.save_pretrained(tmp_path / "ok")
+    assert isinstance(CometForCausalLM.from_pretrained(tmp_path / "ok"), CometForCausalLM)
+    for dropped in ("model.comet_memory.", "model.layers.0.mlp.up_proj"):
+        folder = tmp_path / dropped.strip(".")
+        model.save_pretrained(folder)
+        weights = load_file(folder / "model.safetensors")
+        save_file({k: v for k, v in weights.items() if not k.startswith(dropped)}, folder / "model.safetensors",
+                  metadata={"format": "pt"})
+        with pytest.raises(ValueError, match="lacks .* weight.*from_base"):
+            CometForCausalLM.from_pretrained(folder)
