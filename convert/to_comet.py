@@ -208,9 +208,9 @@ def convert(
     check_base_source(base_path)
     protect = [base_path] if looks_like_path(str(base_path)) else []
     check_replaceable(output_dir, overwrite, protect=protect)  # before the (slow) load
-    for weights in (memory_weights, trained_weights):
+    for kind, weights in (("memory", memory_weights), ("trained", trained_weights)):
         if weights is not None and not Path(weights).is_file():
-            raise FileNotFoundError(f"trained weights not found: {weights}")
+            raise FileNotFoundError(f"{kind} weights not found: {weights}")
     base, tokenizer = load_base(base_path, trust_remote_code)
     if len(tokenizer) > base.config.vocab_size:
         raise ValueError(

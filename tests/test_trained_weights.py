@@ -1,0 +1,65 @@
+"""Trained-weights files (memory + LoRA factors): a trained PEFT model's behaviour carries over to a fresh build."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from convert.trained_weights import apply_trained_weights, read_metadata, remap_memory_keys, save_trained_weights
+from modeling_comet import CometForCausalLM
+
+MEMORY = dict(chunk_size=8, global_mem_size=2, temp_beacon_stride=4, temp_mem_budget=4)
+
+
+def fresh(**fields):
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64))
+    torch.manual_seed(1)
+    return CometForCausalLM.from_base(base, **{**MEMORY, **fields}).eval()
+
+
+def trained_peft():
+    model = get_peft_model(fresh(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                               modules_to_save=["comet_memory"]))
+    with torch.no_grad():  # stand-in for training: move every trainable weight
+        g = torch.Generator().manual_seed(2)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn(param.shape, generator=g))
+    return model.eval()
+
+
+def test_saved_memory_and_lora_reproduce_the_trained_model_on_a_fresh_build(tmp_path):
+    peft_model = trained_peft()
+    ids = torch.randint(3, 64, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, use_cache=False).logits
+    path = save_trained_weights(peft_model, tmp_path / "trained.safetensors")
+    meta = read_metadata(path)
+    assert meta["lora"] == {"r": 4, "alpha": 8} and meta["memory"]["chunk_size"] == 8
+    model = fresh()
+    with torch.no_grad():
+        assert (model(ids, use_cache=False).logits - expected).abs().max() > 1e-3
+        apply_trained_weights(model, path)
+        torch.testing.assert_close(model(ids, use_cache=False).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_file_for_other_memory_settings_or_modules_is_refused_before_any_change(tmp_path):
+    path = save_trained_weights(trained_peft(), tmp_path / "trained.safetensors")
+    other = fresh(global_mem_size=3)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="global_mem_size"):
+        apply_trained_weights(other, path)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    with pytest.raises(FileNotFoundError):
+        apply_trained_weights(fresh(), tmp_path / "missing.safetensors")
+
+
+def test_memory_keys_of_the_old_layout_map_to_the_backbone():
+    model = get_peft_model(fresh(), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["comet_memory"]))
+    old = {"base_model.model.comet_memory.layers.0.gate.bias": torch.zeros(1),
+           "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32)}
+    new = remap_memory_keys(old, model)
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in new
+    assert any(k.endswith("model.comet_memory.layers.0.gate.bias") and "base_model.model.model." in k for k in new)
