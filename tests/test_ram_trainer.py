@@ -124,11 +124,9 @@ def test_bad_training_config_raises(tmp_path):
 
 
 def smollm2_tokenizer():
-    from convert.smollm2 import cache_root
+    from convert.smollm2 import smollm2_path
 
-    folder = cache_root() / "smollm2-135m-instruct"
-    if not (folder / "tokenizer.json").is_file():
-        pytest.skip("SmolLM2 tokenizer not converted")
+    folder = smollm2_path()  # converts the embedded GGUF on first use
     return folder, AutoTokenizer.from_pretrained(folder)
 
 
