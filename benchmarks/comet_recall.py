@@ -42,7 +42,7 @@ from evaluation.common import atomic_save_figure, atomic_write_json, pyplot
 from modeling_comet import CometForCausalLM
 
 VARIANTS = ("comet", "temp_only", "full_attention")
-PAD, QUERY = 0, 1  # ids below FIRST_MARKER are special; markers, then key symbols, then filler
+PAD, QUERY = 0, 1  # ids below RecallSpec.first_marker are special; then markers, key symbols, filler
 
 
 @dataclass
