@@ -1,0 +1,131 @@
+"""Peak memory of CoMeT through the entry points users call: `read`, `generate` and `pipeline`, 8k vs 1M tokens.
+
+    python -m benchmarks.comet_entrypoints_memory                 # results/benchmarks/entrypoints/{json,png}
+    python -m benchmarks.comet_entrypoints_memory --lengths 8192 131072 1048576 --entries generate
+
+Every measurement runs in a fresh process on a tiny Llama base (2 layers, d=64, vocab 1024; chunk 256), so its
+peak resident memory (ru_maxrss) is its own. `pipeline` gets text of that many words and a word-level tokenizer
+(one token per word), so it also pays for the text and its tokenisation; `tokenize` measures that tokenisation
+alone, without the model. Target (issue 8): peak RSS at 1M within 1.10x of that at 8k for `generate` and
+`pipeline`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from evaluation.common import atomic_save_figure, atomic_write_json, pyplot
+
+ENTRIES = ("read", "generate", "pipeline", "tokenize")
+WORKER = r"""
+import json, resource, sys, time, torch
+spec = json.loads(sys.argv[1])
+torch.set_num_threads(1)
+torch.manual_seed(0)
+from transformers import LlamaConfig, LlamaForCausalLM
+from modeling_comet import CometForCausalLM
+cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048)
+model = CometForCausalLM.from_base(LlamaForCausalLM(cfg), chunk_size=256, global_mem_size=8, temp_beacon_stride=16,
+                                   temp_mem_budget=64).eval()
+n = spec["length"]
+start = time.perf_counter()
+if spec["entry"] in ("pipeline", "tokenize"):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, pipeline
+    vocab = {f"w{i}": i for i in range(1024)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w3", pad_token="w0", eos_token="w2")
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    text = " ".join(f"w{i % 1000 + 4}" for i in range(n))
+    start = time.perf_counter()
+    if spec["entry"] == "tokenize":  # what the pipeline's preprocessing alone costs, no model call
+        tok(text, return_tensors="pt")
+    else:
+        pipeline("text-generation", model=model, tokenizer=tok)(text, max_new_tokens=2, do_sample=False)
+else:
+    ids = torch.randint(4, 1024, (1, n))
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    with torch.no_grad():
+        if spec["entry"] == "read":
+            model.read(ids)
+        else:
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0)
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"seconds": seconds, "peak_rss_mib": peak / 1024, "loaded_rss_mib": rss_loaded / 1024}))
+"""
+
+
+def measure(entry: str, length: int, timeout: int) -> dict:
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    spec = json.dumps({"entry": entry, "length": length})
+    try:
+        proc = subprocess.run([sys.executable, "-c", WORKER, spec], capture_output=True, text=True, env=env, cwd=root,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"entry": entry, "length": length, "error": f"timed out after {timeout} s"}
+    if proc.returncode != 0:
+        return {"entry": entry, "length": length, "error": proc.stderr.strip().splitlines()[-1]}
+    return {"entry": entry, "length": length, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def summarise(results: list[dict]) -> dict:
+    summary = {}
+    for entry in ENTRIES:
+        runs = sorted((r["length"], r) for r in results if r["entry"] == entry and "error" not in r)
+        if len(runs) >= 2:
+            (lo, a), (hi, b) = runs[0], runs[-1]
+            summary[entry] = {"lengths": [lo, hi], "peak_rss_ratio": round(b["peak_rss_mib"] / a["peak_rss_mib"], 3),
+                              "target": 1.10}
+    return summary
+
+
+def plot(results: list[dict], path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for entry in ENTRIES:
+        pts = sorted((r["length"], r["peak_rss_mib"]) for r in results if r["entry"] == entry and "error" not in r)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=entry)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("input tokens")
+    ax.set_ylabel("peak RSS (MiB)")
+    ax.set_title("CoMeT peak memory by entry point (tiny Llama, chunk 256)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--entries", nargs="+", choices=ENTRIES, default=list(ENTRIES))
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 1048576])
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per measurement")
+    parser.add_argument("--output-dir", type=Path, default=Path("results/benchmarks/entrypoints"))
+    args = parser.parse_args(argv)
+    results: list[dict] = []
+    report = {"lengths": args.lengths, "threads": 1}
+    for entry in tqdm(args.entries, desc="entry points"):
+        for length in args.lengths:
+            results.append(measure(entry, length, args.timeout))
+            report.update(results=results, summary=summarise(results))
+            atomic_write_json(args.output_dir / "comet_entrypoints_memory.json", report)  # keep what was measured
+    plot(results, args.output_dir / "comet_entrypoints_memory.png")
+    print(json.dumps(report["summary"], indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
