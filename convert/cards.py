@@ -145,6 +145,13 @@ class Evaluation:
     table: str
 
 
+def _inputs_note(payload: dict) -> str:
+    """How long the scored inputs are under the protocol the forgetting-curve JSON was recorded with."""
+    if payload.get("protocol") == "paper":
+        return "inputs are 2L+3 tokens, the authors' protocol"
+    return "inputs are 2L+2 tokens"
+
+
 def _fmt(value: float) -> str:
     return f"{value:.2f}"
 
@@ -184,7 +191,7 @@ def _forgetting_curve(payload: dict, source: str) -> Evaluation:
     for label, key in (("copy", "copy_mean"), ("LM", "lm_mean")):
         rows.append(f"| {label} | " + " | ".join(_fmt(point[key]) for point in payload["per_length"]) + " |")
     rows.append(f"\nFine memory length {payload['fine_memory_length']}, coarse {payload['coarse_memory_length']} "
-                f"(inputs are 2L+2 tokens; {payload['samples']} samples per length).")
+                f"({_inputs_note(payload)}; {payload['samples']} samples per length).")
     return Evaluation(f"Forgetting curve ({payload['model']})", source, results, "\n".join(rows))
 
 
