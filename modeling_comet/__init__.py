@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .configuration_comet import SUPPORTED_BASE_MODEL_TYPES, CometConfig
 from .configuration_ram import RamConfig
 from .modeling_comet import CometCache, CometForCausalLM, CometMemoryState, CometModel
-from .modeling_ram import RamForCausalLM
+from .modeling_ram import RamForCausalLM, RamModel
 
 
 def _register(config_cls, causal_lm_cls, backbone_cls=None) -> None:
@@ -23,7 +23,7 @@ def _register(config_cls, causal_lm_cls, backbone_cls=None) -> None:
 
 
 _register(CometConfig, CometForCausalLM, CometModel)
-_register(RamConfig, RamForCausalLM)
+_register(RamConfig, RamForCausalLM, RamModel)
 
 __all__ = [
     "SUPPORTED_BASE_MODEL_TYPES",
@@ -34,4 +34,5 @@ __all__ = [
     "CometModel",
     "RamConfig",
     "RamForCausalLM",
+    "RamModel",
 ]
