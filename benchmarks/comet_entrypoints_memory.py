@@ -7,7 +7,8 @@ Every measurement runs in a fresh process on a tiny Llama base (2 layers, d=64, 
 peak resident memory (ru_maxrss) is its own. `pipeline` gets text of that many words and a word-level tokenizer
 (one token per word), so it also pays for the text and its tokenisation; `tokenize` measures that tokenisation
 alone, without the model. Target (issue 8): peak RSS at 1M within 1.10x of that at 8k for `generate` and
-`pipeline`.
+`pipeline`. With `--model smollm2 --entries generate read_generate --lengths 32768` it times the embedded SmolLM2
+CoMeT (bf16) generating from a 32k prompt against reading it and generating from the read state.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from evaluation.common import atomic_save_figure, atomic_write_json, pyplot
 
-ENTRIES = ("read", "generate", "pipeline", "tokenize")
+ENTRIES = ("read", "generate", "pipeline", "tokenize", "read_generate")
 WORKER = r"""
 import json, resource, sys, time, torch
 spec = json.loads(sys.argv[1])
@@ -31,10 +32,14 @@ torch.set_num_threads(1)
 torch.manual_seed(0)
 from transformers import LlamaConfig, LlamaForCausalLM
 from modeling_comet import CometForCausalLM
-cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048)
-model = CometForCausalLM.from_base(LlamaForCausalLM(cfg), chunk_size=256, global_mem_size=8, temp_beacon_stride=16,
-                                   temp_mem_budget=64).eval()
+if spec["model"] == "smollm2":
+    from convert.comet_default import comet_default_path
+    model = CometForCausalLM.from_pretrained(comet_default_path(), dtype=torch.bfloat16).eval()
+else:
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048)
+    model = CometForCausalLM.from_base(LlamaForCausalLM(cfg), chunk_size=256, global_mem_size=8,
+                                       temp_beacon_stride=16, temp_mem_budget=64).eval()
 n = spec["length"]
 start = time.perf_counter()
 if spec["entry"] in ("pipeline", "tokenize"):
@@ -58,6 +63,9 @@ else:
     with torch.no_grad():
         if spec["entry"] == "read":
             model.read(ids)
+        elif spec["entry"] == "read_generate":  # read all but the last token, then generate from that state
+            cache = model.read(ids[:, :-1])
+            model.generate(ids, cache=cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
         else:
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0)
 seconds = time.perf_counter() - start
@@ -66,10 +74,10 @@ print(json.dumps({"seconds": seconds, "peak_rss_mib": peak / 1024, "loaded_rss_m
 """
 
 
-def measure(entry: str, length: int, timeout: int) -> dict:
+def measure(entry: str, length: int, timeout: int, model: str = "tiny") -> dict:
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    spec = json.dumps({"entry": entry, "length": length})
+    spec = json.dumps({"entry": entry, "length": length, "model": model})
     try:
         proc = subprocess.run([sys.executable, "-c", WORKER, spec], capture_output=True, text=True, env=env, cwd=root,
                               timeout=timeout)
@@ -113,16 +121,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--entries", nargs="+", choices=ENTRIES, default=list(ENTRIES))
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 1048576])
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per measurement")
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
+                        help="smollm2: the embedded default CoMeT in bf16 (e.g. --entries generate read_generate)")
     parser.add_argument("--output-dir", type=Path, default=Path("results/benchmarks/entrypoints"))
     args = parser.parse_args(argv)
     results: list[dict] = []
-    report = {"lengths": args.lengths, "threads": 1}
+    report = {"model": args.model, "lengths": args.lengths, "threads": 1}
+    name = "comet_entrypoints_memory" + ("" if args.model == "tiny" else f"_{args.model}")
     for entry in tqdm(args.entries, desc="entry points"):
         for length in args.lengths:
-            results.append(measure(entry, length, args.timeout))
+            results.append(measure(entry, length, args.timeout, args.model))
             report.update(results=results, summary=summarise(results))
-            atomic_write_json(args.output_dir / "comet_entrypoints_memory.json", report)  # keep what was measured
-    plot(results, args.output_dir / "comet_entrypoints_memory.png")
+            atomic_write_json(args.output_dir / f"{name}.json", report)  # keep what was measured
+    plot(results, args.output_dir / f"{name}.png")
     print(json.dumps(report["summary"], indent=2))
     return report
 
