@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from evaluation.common import atomic_save_figure, atomic_write_json, pyplot
+
+from .comet_scaling import run_worker
 
 ENTRIES = ("read", "generate", "pipeline", "tokenize", "read_generate")
 WORKER = r"""
@@ -75,17 +74,8 @@ print(json.dumps({"seconds": seconds, "peak_rss_mib": peak / 1024, "loaded_rss_m
 
 
 def measure(entry: str, length: int, timeout: int, model: str = "tiny") -> dict:
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    spec = json.dumps({"entry": entry, "length": length, "model": model})
-    try:
-        proc = subprocess.run([sys.executable, "-c", WORKER, spec], capture_output=True, text=True, env=env, cwd=root,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"entry": entry, "length": length, "error": f"timed out after {timeout} s"}
-    if proc.returncode != 0:
-        return {"entry": entry, "length": length, "error": proc.stderr.strip().splitlines()[-1]}
-    return {"entry": entry, "length": length, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    spec = {"entry": entry, "length": length, "model": model}
+    return {"entry": entry, "length": length, **run_worker(WORKER, spec, threads=1, timeout=timeout)}
 
 
 def summarise(results: list[dict]) -> dict:

@@ -66,19 +66,26 @@ SMOLLM2_MEMORY = dict(chunk_size=256, global_mem_size=8, temp_beacon_stride=16, 
 TINY_MEMORY = dict(chunk_size=256, global_mem_size=8, temp_beacon_stride=16, temp_mem_budget=64)
 
 
-def measure(model: str, kind: str, length: int, memory: dict, repeats: int, threads: int, timeout: int) -> dict:
-    spec = dict(model=model, kind=kind, length=length, memory=memory, repeats=repeats, threads=threads)
+def run_worker(worker: str, spec: dict, threads: int, timeout: int) -> dict:
+    """Run ``worker`` in a fresh Python process on ``spec`` (so that its peak RSS is its own); its last stdout line
+    is its JSON result, or ``{"error": ...}`` if it failed or timed out."""
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(threads)}
     try:
-        proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(spec)], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-c", worker, json.dumps(spec)], capture_output=True, text=True,
                               env=env, cwd=root, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"model": model, "kind": kind, "length": length, "error": f"timed out after {timeout} s"}
+        return {"error": f"timed out after {timeout} s"}
     if proc.returncode != 0:
-        return {"model": model, "kind": kind, "length": length, "error": proc.stderr.strip().splitlines()[-1]}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result.update(model=model, kind=kind, length=length, ms_per_1k_tokens=1000 * result["median_s"] / length * 1000)
+        return {"error": proc.stderr.strip().splitlines()[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(model: str, kind: str, length: int, memory: dict, repeats: int, threads: int, timeout: int) -> dict:
+    spec = dict(model=model, kind=kind, length=length, memory=memory, repeats=repeats, threads=threads)
+    result = {"model": model, "kind": kind, "length": length, **run_worker(WORKER, spec, threads, timeout)}
+    if "error" not in result:
+        result["ms_per_1k_tokens"] = 1000 * result["median_s"] / length * 1000
     return result
 
 

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModel, AutoModelForCausalLM
 
 from modeling_comet import CometCache, CometForCausalLM, CometModel
-from tests.test_comet_model import MEMORY, VOCAB, random_ids, tiny_base, tiny_comet
+from tests.test_comet_model import BLOCK_THIS_PACKAGE, MEMORY, VOCAB, random_ids, tiny_base, tiny_comet
 
 
 def test_causal_lm_is_backbone_plus_head():
@@ -211,14 +211,8 @@ def test_automodel_remote_code_in_a_fresh_process(tmp_path):
     ids = random_ids(1, 40)
     with torch.no_grad():
         torch.save({"ids": ids, "hidden": model.model(ids).last_hidden_state}, tmp_path / "reference.pt")
-    script = textwrap.dedent(
+    script = BLOCK_THIS_PACKAGE + textwrap.dedent(
         f"""
-        import sys
-        class BlockProject:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("modeling_comet", "training", "convert", "evaluation"):
-                    raise ImportError("this package must not be importable here: " + name)
-        sys.meta_path.insert(0, BlockProject())
         import torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()

@@ -22,6 +22,15 @@ from transformers import (
 
 from modeling_comet import CometCache, CometConfig, CometForCausalLM
 
+# Prepended to a subprocess script: any import of this project fails there, as on a machine without it.
+BLOCK_THIS_PACKAGE = """import sys
+class BlockProject:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("modeling_comet", "training", "convert", "evaluation"):
+            raise ImportError("this package must not be importable here: " + name)
+sys.meta_path.insert(0, BlockProject())
+"""
+
 VOCAB = 128
 MEMORY = dict(chunk_size=16, global_mem_size=4, temp_beacon_stride=4, temp_mem_budget=8)
 BASES = {
@@ -214,14 +223,8 @@ def test_remote_code_reload_in_fresh_process(tmp_path):
     ids = random_ids(1, 70)
     with torch.no_grad():
         torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "reference.pt")
-    script = textwrap.dedent(
+    script = BLOCK_THIS_PACKAGE + textwrap.dedent(
         f"""
-        import sys
-        class BlockProject:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("modeling_comet", "training", "convert", "evaluation"):
-                    raise ImportError("this package must not be importable here: " + name)
-        sys.meta_path.insert(0, BlockProject())
         import torch
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
