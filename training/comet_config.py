@@ -82,6 +82,9 @@ class CometTrainingConfig(TrainingArguments):
             A trained-weights file (`convert.trained_weights`, e.g. `checkpoints/smollm2-comet-recall.safetensors`)
             to start from: its memory is loaded and its LoRA factors merged into the base before training, so a
             run can continue from shipped weights when its checkpoints (and optimizer state) are gone.
+        max_train_minutes (`float`, *optional*):
+            Wall-clock budget of one `train()` call: once spent, the run saves a checkpoint and ends as if
+            `max_steps` had been reached (a lent GPU's minutes, a job's time limit). Unset: no budget.
     """
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "base causal LM or saved CoMeT model"})
@@ -118,6 +121,7 @@ class CometTrainingConfig(TrainingArguments):
     temp_budget_choices: str | None = field(default=None, metadata={"help": "temp budgets sampled per batch"})
     recall_rows: int = field(default=100_000, metadata={"help": "rows of the recall dataset"})
     init_trained_weights: str | None = field(default=None, metadata={"help": "trained-weights file to start from"})
+    max_train_minutes: float | None = field(default=None, metadata={"help": "stop and save after this many minutes"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -131,6 +135,8 @@ class CometTrainingConfig(TrainingArguments):
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.curriculum not in CURRICULUM_MODES:
             raise ValueError(f"curriculum must be one of {CURRICULUM_MODES}, got {self.curriculum!r}")
+        if self.max_train_minutes is not None and self.max_train_minutes <= 0:
+            raise ValueError(f"max_train_minutes must be positive, got {self.max_train_minutes}")
         self.recall_chunk_range  # noqa: B018  (validates)
         self.curriculum_distance_list  # noqa: B018
         self.temp_budget_list  # noqa: B018

@@ -23,12 +23,20 @@ import json
 import math
 import random
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, default_data_collator, set_seed
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Trainer,
+    TrainerCallback,
+    default_data_collator,
+    set_seed,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from modeling_comet import CometForCausalLM
@@ -153,6 +161,24 @@ def build_recall_data(config: CometTrainingConfig, tokenizer, chunk_size: int):
     data = recall_dataset(builder, curriculum, config.recall_rows, seed=config.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return data, RecallCollator(pad_token_id=pad if pad is not None else 0), curriculum
+
+
+class TimeBudget(TrainerCallback):
+    """Ends training, with a checkpoint, once `minutes` of wall-clock time have passed since `train()` began."""
+
+    def __init__(self, minutes: float):
+        self.seconds = 60.0 * minutes
+        self.start: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.start is not None and time.monotonic() - self.start >= self.seconds:
+            print(f"time budget of {self.seconds / 60:g} min spent at step {state.global_step}: saving and stopping")
+            control.should_training_stop = True
+            control.should_save = True
+        return control
 
 
 class CometTrainer(Trainer):
@@ -323,6 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=collator,
         curriculum=curriculum,
         temp_budget_choices=config.temp_budget_list,
+        callbacks=[TimeBudget(config.max_train_minutes)] if config.max_train_minutes else None,
     )
     before = trainer.evaluate() if eval_data is not None and resume is None else {}
     if resume:
@@ -350,6 +377,7 @@ if __name__ == "__main__":
 
 __all__ = [
     "CometTrainer",
+    "TimeBudget",
     "build_model",
     "build_recall_data",
     "load_texts",
