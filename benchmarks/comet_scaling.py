@@ -2,6 +2,7 @@
 
     python -m benchmarks.comet_scaling                       # both suites, results/benchmarks/comet_scaling.{json,png}
     python -m benchmarks.comet_scaling --suite tiny --tiny-lengths 8192 65536 1048576
+    python -m benchmarks.comet_scaling --dtypes float32,bfloat16   # both, side by side (bf16: native-bf16 CPUs)
 
 Every measurement runs in a fresh subprocess so that its peak resident memory (ru_maxrss) is its own;
 we report it and peak RSS minus the RSS right after loading the model (the memory the input costs; the
@@ -12,6 +13,9 @@ invocation, with the same thread count.
 * suite `smollm2`: SmolLM2-135M-Instruct, CoMeT (default memory: chunk 256, 8 global slots, beacon every
   16, budget 64) vs full attention (sdpa), 1k to 32k tokens (full attention stops at `--base-max`).
 * suite `tiny`: a 2-layer, d=64 Llama, CoMeT vs full attention, 8k to 1M tokens.
+
+`--dtypes` (default float32) lists the weight dtypes to measure, each point in each; with more than one, the
+summary reports every dtype's targets and the speed-up of each dtype over the first at every point.
 
 Targets (issue 2): CoMeT time per token at 1M within 1.15x of that at 8k; peak memory at 1M within 10% of
 that at 8k; overhead against full attention at 2k no worse than (chunk + memory tokens)/chunk x 1.1.
@@ -39,11 +43,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from modeling_comet import CometForCausalLM
 if spec["model"] == "smollm2":
     from convert.smollm2 import smollm2_path
-    base = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=getattr(torch, spec["dtype"])).eval()
 else:
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2 ** 21)
-    base = LlamaForCausalLM(cfg).eval()
+    base = LlamaForCausalLM(cfg).to(getattr(torch, spec["dtype"])).eval()
 model = CometForCausalLM.from_base(base, **spec["memory"]).eval() if spec["kind"] == "comet" else base
 vocab = base.config.vocab_size
 ids = torch.randint(0, vocab, (1, spec["length"]))
@@ -81,27 +85,67 @@ def run_worker(worker: str, spec: dict, threads: int, timeout: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(model: str, kind: str, length: int, memory: dict, repeats: int, threads: int, timeout: int) -> dict:
-    spec = dict(model=model, kind=kind, length=length, memory=memory, repeats=repeats, threads=threads)
-    result = {"model": model, "kind": kind, "length": length, **run_worker(WORKER, spec, threads, timeout)}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_dtypes(text: str) -> list[str]:
+    """``float32,bfloat16`` -> ``["float32", "bfloat16"]`` (order kept: speed-ups are against the first)."""
+    dtypes = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in dtypes if name not in DTYPES]
+    if not dtypes or unknown or len(set(dtypes)) != len(dtypes):
+        raise argparse.ArgumentTypeError(
+            f"--dtypes takes distinct names from {', '.join(DTYPES)} separated by commas, got {text!r}"
+        )
+    return dtypes
+
+
+def measure(model: str, kind: str, length: int, memory: dict, repeats: int, threads: int, timeout: int,
+            dtype: str = "float32") -> dict:
+    spec = dict(model=model, kind=kind, length=length, memory=memory, repeats=repeats, threads=threads, dtype=dtype)
+    result = {"model": model, "kind": kind, "length": length, "dtype": dtype,
+              **run_worker(WORKER, spec, threads, timeout)}
     if "error" not in result:
         result["ms_per_1k_tokens"] = 1000 * result["median_s"] / length * 1000
     return result
 
 
-def run_suite(name, lengths, base_max, memory, repeats, long_repeats, long_from, threads, timeout, results, progress, save):
+def run_suite(name, lengths, base_max, memory, repeats, long_repeats, long_from, threads, timeout, results, progress, save,
+              dtypes=("float32",)):
     for length in lengths:
         for kind in ("comet", "full_attention"):
             if kind == "full_attention" and length > base_max:
                 continue
-            progress.set_postfix_str(f"{name} {kind} {length}")
-            runs = repeats if length < long_from else long_repeats
-            results.append(measure(name, kind, length, memory, runs, threads, timeout))
-            save()  # an interrupted run keeps what it measured
-            progress.update(1)
+            for dtype in dtypes:
+                progress.set_postfix_str(f"{name} {kind} {length} {dtype}")
+                runs = repeats if length < long_from else long_repeats
+                results.append(measure(name, kind, length, memory, runs, threads, timeout, dtype))
+                save()  # an interrupted run keeps what it measured
+                progress.update(1)
 
 
-def summarise(results: list[dict]) -> dict:
+def dtype_of(result: dict) -> str:
+    return result.get("dtype", "float32")  # results recorded before --dtypes existed were float32
+
+
+def summarise(results: list[dict], dtypes: list[str] | tuple[str, ...] = ("float32",)) -> dict:
+    """The targets for one dtype (a flat dict, as before ``--dtypes``), or for several: ``{dtype: targets}`` plus
+    ``speedup_over_<first dtype>``, the ratio of median times at every point measured in both."""
+    if len(dtypes) == 1:
+        return summarise_dtype([r for r in results if dtype_of(r) == dtypes[0]])
+    summary = {dtype: summarise_dtype([r for r in results if dtype_of(r) == dtype]) for dtype in dtypes}
+    reference = {(r["model"], r["kind"], r["length"]): r for r in results
+                 if dtype_of(r) == dtypes[0] and "error" not in r}  # fmt: skip
+    speedups = []
+    for r in results:
+        ref = reference.get((r["model"], r["kind"], r["length"]))
+        if dtype_of(r) != dtypes[0] and ref is not None and "error" not in r:
+            speedups.append({"model": r["model"], "kind": r["kind"], "length": r["length"], "dtype": dtype_of(r),
+                             "speedup": ref["median_s"] / r["median_s"]})  # fmt: skip
+    summary[f"speedup_over_{dtypes[0]}"] = speedups
+    return summary
+
+
+def summarise_dtype(results: list[dict]) -> dict:
     def get(model, kind, length):
         return next((r for r in results if r["model"] == model and r["kind"] == kind and r["length"] == length
                      and "error" not in r), None)
@@ -126,14 +170,17 @@ def plot(results: list[dict], path: Path) -> None:
     plt = pyplot()
     models = [m for m in ("smollm2", "tiny") if any(r["model"] == m for r in results)]
     fig, axes = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)
+    dtypes = list(dict.fromkeys(dtype_of(r) for r in results))
     for row, model in enumerate(models):
-        for kind, style in (("comet", "o-"), ("full_attention", "s--")):
-            pts = sorted((r["length"], r) for r in results if r["model"] == model and r["kind"] == kind and "error" not in r)
+        for (kind, style), dtype in ((k, d) for k in (("comet", "o-"), ("full_attention", "s--")) for d in dtypes):
+            pts = sorted((r["length"], r) for r in results if r["model"] == model and r["kind"] == kind
+                         and dtype_of(r) == dtype and "error" not in r)  # fmt: skip
             if not pts:
                 continue
             xs = [p[0] for p in pts]
-            axes[row][0].plot(xs, [p[1]["ms_per_1k_tokens"] for p in pts], style, label=kind)
-            axes[row][1].plot(xs, [p[1]["input_rss_mib"] for p in pts], style, label=kind)
+            label = kind if len(dtypes) == 1 else f"{kind} ({dtype})"
+            axes[row][0].plot(xs, [p[1]["ms_per_1k_tokens"] for p in pts], style, label=label)
+            axes[row][1].plot(xs, [p[1]["input_rss_mib"] for p in pts], style, label=label)
         for col, ylabel in enumerate(("prefill time per 1k tokens (ms, median)", "peak RSS added by the input (MiB)")):
             ax = axes[row][col]
             ax.set_xscale("log", base=2)
@@ -159,6 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per measurement")
     parser.add_argument("--output-dir", type=Path, default=Path("results/benchmarks"))
+    parser.add_argument("--dtypes", type=parse_dtypes, default=["float32"],
+                        help="weight dtypes to measure, e.g. float32,bfloat16 (bf16 is fast only on CPUs with "
+                             "AVX512-BF16/AMX and on Ampere+ GPUs)")
     args = parser.parse_args(argv)
     if args.long_repeats is None:
         args.long_repeats = args.repeats
@@ -170,17 +220,18 @@ def main(argv: list[str] | None = None) -> dict:
         suites.append(("smollm2", args.smollm2_lengths, args.base_max, SMOLLM2_MEMORY))
     if args.suite in ("all", "tiny"):
         suites.append(("tiny", args.tiny_lengths, args.tiny_base_max, TINY_MEMORY))
-    total = sum(len(lengths) + sum(1 for n in lengths if n <= bmax) for _, lengths, bmax, _ in suites)
+    total = len(args.dtypes) * sum(len(lengths) + sum(1 for n in lengths if n <= bmax) for _, lengths, bmax, _ in suites)
     def save():
-        report.update(results=results, summary=summarise(results))
+        report.update(results=results, summary=summarise(results, args.dtypes))
         atomic_write_json(args.output_dir / "comet_scaling.json", report)
         plot(results, args.output_dir / "comet_scaling.png")
 
-    report = {"threads": args.threads, "repeats": args.repeats, "memory": {"smollm2": SMOLLM2_MEMORY, "tiny": TINY_MEMORY}}
+    report = {"threads": args.threads, "repeats": args.repeats, "dtypes": args.dtypes,
+              "memory": {"smollm2": SMOLLM2_MEMORY, "tiny": TINY_MEMORY}}
     with tqdm(total=total, desc="benchmark", unit="run") as progress:
         for name, lengths, base_max, memory in suites:
             run_suite(name, lengths, base_max, memory, args.repeats, args.long_repeats, args.long_from, args.threads,
-                      args.timeout, results, progress, save)
+                      args.timeout, results, progress, save, args.dtypes)
     print(json.dumps(report["summary"], indent=2))
     return report
 

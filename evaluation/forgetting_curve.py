@@ -55,6 +55,7 @@ from .common import (
     model_device,
     prepare_output,
     pyplot,
+    resolve_dtype,
     run_cli,
     special_token_id,
 )
@@ -530,8 +531,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     corpus_name = args.dataset or (args.text_files and [str(name) for name in args.text_files]) or "pydoc_data.topics"
     output_dir = Path(args.output_dir)
+    dtype = resolve_dtype(args.dtype, args.device)
     settings = {"model": args.model, "protocol": args.protocol, "corpus": corpus_name, "grid": grid,
-                "lengths": lengths, "samples": args.samples, "seed": args.seed}  # fmt: skip
+                "lengths": lengths, "samples": args.samples, "seed": args.seed, "dtype": dtype}  # fmt: skip
     partial = prepare_output(output_dir, "forgetting_curve.json", settings, args.overwrite)  # before the model loads
     done = None
     if partial is not None and partial.get("per_length"):
@@ -540,7 +542,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"resuming: {len(done['copy'])} of {len(lengths)} lengths already measured in {output_dir}")
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.trust_remote_code, args.dtype, args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.trust_remote_code, dtype, args.device)
     bos_id = args.bos_token_id if args.bos_token_id is not None else special_token_id(tokenizer, model, "bos")
     if bos_id is None:
         raise ValueError("The model has no BOS token in its tokenizer or config; pass --bos-token-id.")
@@ -580,6 +582,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "lengths": lengths,
             "samples": args.samples,
             "seed": args.seed,
+            "dtype": dtype,
             "train_length": train_length or None,
             "seconds": round(time.time() - start, 1),
             **summarise(done, accuracies, args.copy_threshold, args.alpha, args.protocol),

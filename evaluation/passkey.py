@@ -40,6 +40,7 @@ from .common import (
     model_label,
     prepare_output,
     pyplot,
+    resolve_dtype,
     run_cli,
     special_token_id,
 )
@@ -302,9 +303,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"--max-new-tokens must be at least {KEY_DIGITS}, got {args.max_new_tokens}.")
 
     output_dir = Path(args.output_dir)
+    dtype = resolve_dtype(args.dtype, args.device)
     prompt_text = {"instruction": INSTRUCTION, "filler": FILLER, "needle": NEEDLE, "question": QUESTION}
     settings = {"lengths": lengths, "depths": depths, "samples": args.samples, "seed": args.seed,
-                "max_new_tokens": args.max_new_tokens, "prompt": prompt_text}  # fmt: skip
+                "max_new_tokens": args.max_new_tokens, "prompt": prompt_text, "dtype": dtype}  # fmt: skip
     partial = prepare_output(output_dir, "passkey.json", settings, args.overwrite)  # before any model loads
     earlier = partial["models"] if partial is not None else {}
     results = {name: result for name, result in earlier.items() if name not in args.model}  # nothing is dropped
@@ -319,6 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seed": args.seed,
             "max_new_tokens": args.max_new_tokens,
             "prompt": prompt_text,
+            "dtype": dtype,
             "models": results,
         }
 
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{name}: kept from {output_dir / 'passkey.json'}")
             continue
         start = time.time()
-        model, tokenizer = load_model_and_tokenizer(name, args.trust_remote_code, args.dtype, args.device)
+        model, tokenizer = load_model_and_tokenizer(name, args.trust_remote_code, dtype, args.device)
         results[name] = evaluate_model(
             model,
             tokenizer,

@@ -39,6 +39,7 @@ from .common import (
     model_device,
     prepare_output,
     pyplot,
+    resolve_dtype,
     run_cli,
     special_token_id,
 )
@@ -272,14 +273,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
 
     output_dir = Path(args.output_dir)
-    settings = {"model": args.model, "split": args.split, "max_examples": args.max_examples,
+    dtype = resolve_dtype(args.dtype, args.device)
+    settings = {"model": args.model, "split": args.split, "max_examples": args.max_examples, "dtype": dtype,
                 "requested": {"tasks": tasks, "max_input_tokens": args.max_input_tokens,
                               "max_new_tokens": args.max_new_tokens, "data_files": data_files}}  # fmt: skip
     partial = prepare_output(output_dir, "scrolls.json", settings, args.overwrite)  # before the model loads
     earlier = partial.get("tasks", {}) if partial is not None else {}
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.trust_remote_code, args.dtype, args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.trust_remote_code, dtype, args.device)
     start = time.time()
     results = {}
 
