@@ -59,3 +59,34 @@ def test_trainer_lowers_loss_and_trains_memory_at_its_own_rate(tmp_path):
     assert end < start - 0.5
     changed = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
     assert any("gate" in n for n in changed) and any("readout_embedding" in n for n in changed)
+
+
+def test_time_budget_stops_the_run_with_a_checkpoint(tmp_path):
+    from pathlib import Path
+
+    import pytest
+
+    from training.comet_trainer import TimeBudget
+
+    with pytest.raises(ValueError, match="max_train_minutes"):
+        CometTrainingConfig(output_dir=str(tmp_path), max_train_minutes=0, use_cpu=True, report_to="none")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, vocab_size=64, max_position_embeddings=64)
+    )
+    model = CometForCausalLM.from_base(base, chunk_size=8, global_mem_size=2, temp_beacon_stride=4, temp_mem_budget=4)
+    rows = [[(3 + i + j) % 60 + 3 for j in range(16)] for i in range(4)]
+    from datasets import Dataset
+
+    args = CometTrainingConfig(
+        output_dir=str(tmp_path), max_steps=500, per_device_train_batch_size=2, report_to="none",
+        save_strategy="steps", save_steps=1000, use_cpu=True, max_train_minutes=1e-6,
+    )
+    trainer = CometTrainer(
+        model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": rows, "labels": rows}),
+        callbacks=[TimeBudget(args.max_train_minutes)],
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1  # the budget was spent after the first step
+    assert (Path(tmp_path) / "checkpoint-1" / "trainer_state.json").is_file()  # and a checkpoint was written
