@@ -35,6 +35,10 @@ import json
 from dataclasses import dataclass
 from functools import partial
 
+from .requirements import MIN_TRANSFORMERS_VERSION  # noqa: F401  (importing it checks the installed transformers)
+
+# isort: split
+
 import torch
 import torch.nn.functional as F
 from torch import nn

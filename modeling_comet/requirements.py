@@ -1,4 +1,4 @@
-"""The `transformers` version RAM's model files need, checked when they are imported.
+"""The `transformers` version the CoMeT and RAM model files need, checked when they are imported.
 
 A checkpoint carries this file with its remote code, so loading it with `trust_remote_code=True` under an older
 `transformers` stops here with the version to install, instead of failing later on a missing name. It imports

@@ -73,13 +73,8 @@ def source(request, tmp_path):
 def expected_code(kind):
     common = {"configuration_comet.py", "position_layout.py"}
     if kind == "comet":
-        return common | {"modeling_comet.py"} | ({"requirements.py"} if _comet_imports_requirements() else set())
+        return common | {"modeling_comet.py", "requirements.py"}
     return common | {"configuration_ram.py", "modeling_ram.py", "pipeline_ram.py", "requirements.py"}
-
-
-def _comet_imports_requirements():
-    text = (Path(__file__).resolve().parent.parent / "modeling_comet" / "configuration_comet.py").read_text()
-    return "requirements" in text
 
 
 def test_dry_run_builds_validates_and_leaves_the_folder(source, tmp_path, capsys, monkeypatch):
