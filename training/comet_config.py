@@ -27,10 +27,27 @@ class CometTrainingConfig(TrainingArguments):
         temp_beacon_stride (`int`, *optional*, defaults to 16), temp_mem_budget (`int`, *optional*, defaults to 64):
             Memory fields of a new CoMeT model (ignored when loading a saved one).
         train_files (`str`, *optional*):
-            Comma-separated local text files to train on. Without it, the standard library's pydoc prose.
-        dataset_name (`str`, *optional*), dataset_split (`str`, *optional*, defaults to `"train"`),
-        text_field (`str`, *optional*, defaults to `"text"`):
-            A `datasets` source instead of local files.
+            Comma-separated local files to train on: plain text (one document per file), or `.json`/`.jsonl`,
+            `.csv`, `.parquet`, `.arrow` (one document per row, column `text_field`). Without it (and without
+            `dataset_name`), the standard library's pydoc prose.
+        dataset_name (`str`, *optional*), dataset_config (`str`, *optional*), dataset_split (`str`, *optional*,
+        defaults to `"train"`), text_field (`str`, *optional*, defaults to `"text"`):
+            A `datasets.load_dataset` source (Hub name or local folder), its configuration name (e.g.
+            `"wikitext-103-raw-v1"`), split and text column, instead of local files.
+        streaming (`bool`, *optional*, defaults to `False`):
+            Read the source as a `datasets.IterableDataset`, tokenised and packed as training consumes it, so a
+            corpus larger than memory trains. Needs `max_steps` (a stream has no length). The first
+            `eval_samples` packed rows are held out, and the rest shuffled in a buffer of `shuffle_buffer_size`.
+        shuffle_buffer_size (`int`, *optional*, defaults to 1000):
+            Rows in the shuffle buffer of a streamed source (0: stream order).
+        pack_batch_size (`int`, *optional*, defaults to 1000):
+            Texts tokenised and packed together by one batched `map`; the tokens left over at the end of each
+            such batch (fewer than `sample_tokens`) are dropped.
+        dataset_num_proc (`int`, *optional*):
+            Processes for tokenising and packing a non-streamed source.
+        filler_tokens (`int`, *optional*, defaults to 1000000):
+            Recall tasks: tokens of filler prose read from the source (a `dataset_name` source is streamed and
+            read only this far).
         sample_tokens (`int`, *optional*, defaults to 1536):
             Tokens per training sample. Use several chunks and more than the temporary memory's window, so that
             the global memory has to carry information (see DESIGN "What a first training run taught us").
@@ -94,8 +111,14 @@ class CometTrainingConfig(TrainingArguments):
     temp_mem_budget: int = field(default=64, metadata={"help": "temporary memory entries kept (new models)"})
     train_files: str | None = field(default=None, metadata={"help": "comma-separated local text files"})
     dataset_name: str | None = field(default=None, metadata={"help": "a datasets source (name or path)"})
+    dataset_config: str | None = field(default=None, metadata={"help": "configuration name of dataset_name"})
     dataset_split: str = field(default="train", metadata={"help": "split of dataset_name"})
-    text_field: str = field(default="text", metadata={"help": "text column of dataset_name"})
+    text_field: str = field(default="text", metadata={"help": "text column of dataset_name or json/csv files"})
+    streaming: bool = field(default=False, metadata={"help": "stream the source (needs max_steps)"})
+    shuffle_buffer_size: int = field(default=1000, metadata={"help": "shuffle buffer of a streamed source"})
+    pack_batch_size: int = field(default=1000, metadata={"help": "texts tokenised and packed per map batch"})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "processes for packing (not streaming)"})
+    filler_tokens: int = field(default=1_000_000, metadata={"help": "recall filler tokens read from the source"})
     sample_tokens: int = field(default=1536, metadata={"help": "tokens per training sample"})
     eval_samples: int = field(default=4, metadata={"help": "samples held out for evaluation"})
     finetuning: str = field(default="lora", metadata={"help": f"one of {FINETUNING_MODES}"})
@@ -137,6 +160,16 @@ class CometTrainingConfig(TrainingArguments):
             raise ValueError(f"curriculum must be one of {CURRICULUM_MODES}, got {self.curriculum!r}")
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:
             raise ValueError(f"max_train_minutes must be positive, got {self.max_train_minutes}")
+        if self.streaming and self.task == "lm" and self.max_steps <= 0:
+            raise ValueError(
+                "--streaming reads the corpus as a stream, which has no length, so the number of training steps "
+                "cannot be derived from num_train_epochs: set --max_steps (a positive number of optimizer steps)"
+            )
+        for name in ("pack_batch_size", "filler_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.shuffle_buffer_size < 0:
+            raise ValueError(f"shuffle_buffer_size must be non-negative, got {self.shuffle_buffer_size}")
         self.recall_chunk_range  # noqa: B018  (validates)
         self.curriculum_distance_list  # noqa: B018
         self.temp_budget_list  # noqa: B018

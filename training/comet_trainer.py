@@ -42,6 +42,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from modeling_comet import CometForCausalLM
 
 from .comet_config import CometTrainingConfig
+from .lm_data import iter_texts, lm_datasets, pack_dataset
 from .recall_data import (
     FillerStream,
     RecallCollator,
@@ -55,38 +56,16 @@ MEMORY_PREFIX = "comet_memory."
 
 
 def load_texts(config: CometTrainingConfig) -> list[str]:
-    """Training text: local files, a `datasets` source, or the standard library's prose (always present)."""
-    if config.train_files:
-        paths = [Path(p) for p in config.train_files.split(",")]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"training files not found: {missing}")
-        return [p.read_text() for p in paths]
-    if config.dataset_name:
-        from datasets import load_dataset
+    """Training text as a list: local files, a `datasets` source, or the standard library's prose (always present).
 
-        data = load_dataset(config.dataset_name, split=config.dataset_split)
-        if config.text_field not in data.column_names:
-            raise ValueError(f"dataset has no column {config.text_field!r}; columns: {data.column_names}")
-        return list(data[config.text_field])
-    from pydoc_data.topics import topics
-
-    return [topics[key] for key in sorted(topics)]
+    Reads the whole source into memory; training itself streams through `training.lm_data`."""
+    return list(iter_texts(config))
 
 
 def pack_samples(texts: list[str], tokenizer, sample_tokens: int) -> Dataset:
-    """Concatenate the tokenised texts and cut them into samples of exactly `sample_tokens` tokens."""
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False).input_ids)
-        if eos is not None:
-            stream.append(eos)
-    n = len(stream) // sample_tokens
-    if n == 0:
-        raise ValueError(f"the corpus has {len(stream)} tokens, fewer than one sample of {sample_tokens}")
-    rows = [stream[i * sample_tokens : (i + 1) * sample_tokens] for i in range(n)]
-    return Dataset.from_dict({"input_ids": rows, "labels": rows})
+    """Concatenate the tokenised texts (each followed by EOS) and cut them into samples of exactly
+    `sample_tokens` tokens (`training.lm_data.pack_dataset` on an in-memory dataset)."""
+    return pack_dataset(Dataset.from_dict({"text": list(texts)}), tokenizer, sample_tokens)
 
 
 def build_model(config: CometTrainingConfig):
@@ -136,7 +115,7 @@ def comet_config_of(model) -> object:
 
 def build_recall_data(config: CometTrainingConfig, tokenizer, chunk_size: int):
     """(train dataset, collator, curriculum) of a recall task."""
-    stream = FillerStream.from_texts(load_texts(config), tokenizer)
+    stream = FillerStream.from_texts(iter_texts(config), tokenizer, max_tokens=config.filler_tokens)
     builder = RecallSampleBuilder(
         tokenizer,
         stream,
@@ -334,10 +313,11 @@ def main(argv: list[str] | None = None) -> dict:
     curriculum = None
     eval_data = None
     if config.task == "lm":
-        data = pack_samples(load_texts(config), tokenizer, config.sample_tokens).shuffle(seed=config.seed)
-        n_eval = min(config.eval_samples, len(data) - 1)
-        eval_data, train_data = (data.select(range(n_eval)) if n_eval else None), data.select(range(n_eval, len(data)))
+        with config.main_process_first(desc="tokenising and packing"):  # rank 0 fills the datasets cache first
+            train_data, eval_data = lm_datasets(config, tokenizer)
         collator = default_data_collator
+        if config.label_names is None:  # the forward also takes `label_weights`, which these rows do not have
+            config.label_names = ["labels"]
     else:
         train_data, collator, curriculum = build_recall_data(config, tokenizer, comet_config.chunk_size)
         config.remove_unused_columns = False  # the rows are built on access from an index column
