@@ -102,6 +102,11 @@ class CometTrainingConfig(TrainingArguments):
         max_train_minutes (`float`, *optional*):
             Wall-clock budget of one `train()` call: once spent, the run saves a checkpoint and ends as if
             `max_steps` had been reached (a lent GPU's minutes, a job's time limit). Unset: no budget.
+        pipeline_parallel (`int`, *optional*, defaults to 1):
+            Layer-wavefront pipeline parallelism (DESIGN §1, `training.pipeline_trainer`): P ranks split each
+            sample's chunks into P contiguous blocks and pass every layer's memory from rank to rank. Launch P × D
+            processes (`torchrun`/`accelerate launch`): D data-parallel pipelines of P consecutive ranks. Samples need
+            at least P chunks. Process groups use `ddp_timeout`, so a dead rank raises instead of hanging. 1: off.
     """
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "base causal LM or saved CoMeT model"})
@@ -145,6 +150,7 @@ class CometTrainingConfig(TrainingArguments):
     recall_rows: int = field(default=100_000, metadata={"help": "rows of the recall dataset"})
     init_trained_weights: str | None = field(default=None, metadata={"help": "trained-weights file to start from"})
     max_train_minutes: float | None = field(default=None, metadata={"help": "stop and save after this many minutes"})
+    pipeline_parallel: int = field(default=1, metadata={"help": "ranks per layer-wavefront pipeline (P of P x D)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -160,6 +166,11 @@ class CometTrainingConfig(TrainingArguments):
             raise ValueError(f"curriculum must be one of {CURRICULUM_MODES}, got {self.curriculum!r}")
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:
             raise ValueError(f"max_train_minutes must be positive, got {self.max_train_minutes}")
+        if self.pipeline_parallel < 1:
+            raise ValueError(f"pipeline_parallel must be at least 1 (1 disables it), got {self.pipeline_parallel}")
+        if self.pipeline_parallel > 1 and (self.deepspeed or self.fsdp):
+            raise ValueError("pipeline_parallel > 1 does not combine with DeepSpeed or FSDP: every pipeline rank holds "
+                             "the whole model; data parallelism across pipelines is built in")
         if self.streaming and self.task == "lm" and self.max_steps <= 0:
             raise ValueError(
                 "--streaming reads the corpus as a stream, which has no length, so the number of training steps "

@@ -321,7 +321,10 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         train_data, collator, curriculum = build_recall_data(config, tokenizer, comet_config.chunk_size)
         config.remove_unused_columns = False  # the rows are built on access from an index column
-    trainer = CometTrainer(
+    trainer_cls = CometTrainer
+    if config.pipeline_parallel > 1:  # the layer wavefront over P ranks per sample (DESIGN §1)
+        from .pipeline_trainer import PipelineTrainer as trainer_cls
+    trainer = trainer_cls(
         model=model,
         args=config,
         train_dataset=train_data,

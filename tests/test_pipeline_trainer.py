@@ -1,0 +1,213 @@
+"""`PipelineTrainer` (layer wavefront inside `transformers.Trainer`) on CPU gloo ranks against one process.
+
+One spawned session of 2 ranks (P=2) trains one step in three fine-tuning modes and then checks the failure paths
+(a sample too short to split, a rank that dies); one session of 4 ranks (P=2 × D=2) trains one LoRA step. Each rank
+records the batch it read and its gradients just before the optimizer step; the test recomputes the same step with
+the plain model on one process.
+"""
+
+import os
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.test_comet_model import VOCAB, tiny_comet
+
+LENGTH = 5 * 16 + 7  # six chunks of 16: three per pipeline rank
+ROWS = 8
+TIMEOUT_S = 5
+# name: (fine-tuning, temp_beacon_stride, activation checkpointing)
+MODES = {"full": ("full", 4, False), "lora": ("lora", 4, True), "memory": ("memory", -1, False)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model(finetuning: str, stride: int):
+    torch.manual_seed(0)
+    model = tiny_comet(temp_beacon_stride=stride).train()
+    if finetuning == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(1)
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["comet_memory"],
+                          init_lora_weights=False)  # non-zero B, so the LoRA A factors get gradients too
+        model = get_peft_model(model, lora)
+    elif finetuning == "memory":
+        for name, param in model.named_parameters():
+            param.requires_grad = "comet_memory." in name
+    return model
+
+
+def dataset():
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randint(3, VOCAB, (ROWS, LENGTH), generator=g).tolist()
+    return Dataset.from_dict({"input_ids": rows, "labels": rows})
+
+
+def train_one_step(mode: str, pipeline_parallel: int, out_dir: str) -> dict:
+    """One optimizer step with `PipelineTrainer`; returns the batch, the logged loss and the pre-step gradients."""
+    from transformers import TrainerCallback, default_data_collator
+
+    from training.comet_config import CometTrainingConfig
+    from training.pipeline_trainer import PipelineTrainer
+
+    finetuning, stride, checkpointing = MODES[mode]
+    model = make_model(finetuning, stride)
+    seen = {}
+
+    class Record(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            seen["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    class RecordingTrainer(PipelineTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            seen["ids"] = inputs["input_ids"].clone()
+            seen["loss"] = super().training_step(model, inputs, num_items_in_batch)
+            return seen["loss"]
+
+    args = CometTrainingConfig(
+        output_dir=out_dir, use_cpu=True, per_device_train_batch_size=2, max_steps=1, learning_rate=1e-3,
+        max_grad_norm=0.0, report_to="none", save_strategy="no", disable_tqdm=True, seed=5,
+        pipeline_parallel=pipeline_parallel, activation_checkpointing=checkpointing, ddp_timeout=TIMEOUT_S * 6,
+        finetuning=finetuning,
+    )
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=dataset(), data_collator=default_data_collator,
+                               callbacks=[Record()])
+    assert trainer.model_wrapped is trainer.model  # not wrapped in DDP
+    trainer.train()
+    assert trainer.model_wrapped is trainer.model
+    seen["buckets"] = trainer.last_reduce_buckets
+    return seen
+
+
+def worker(rank, world, port, pipeline_parallel, modes, out_dir, check_failures):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    results = {mode: train_one_step(mode, pipeline_parallel, os.path.join(out_dir, f"run-{mode}")) for mode in modes}
+    if check_failures:
+        from training.layer_pipeline import PipelineCommunicationError, layer_pipeline_loss
+
+        group = dist.new_group([0, 1], timeout=timedelta(seconds=TIMEOUT_S))
+        model = make_model("full", 4)
+        short = torch.randint(3, VOCAB, (1, 16))  # one chunk for two ranks
+        try:
+            layer_pipeline_loss(model, short, short, group)
+        except ValueError as error:
+            results["split_error"] = str(error)
+        dist.barrier()
+        if rank == 1:
+            os._exit(0)  # dies without a word while rank 0 runs the pipeline
+        time.sleep(0.5)
+        ids = torch.randint(3, VOCAB, (1, LENGTH))
+        start = time.monotonic()
+        try:
+            layer_pipeline_loss(model, ids, ids, group).backward()
+        except PipelineCommunicationError as error:
+            results["dead_rank_error"] = str(error)
+        results["dead_rank_seconds"] = time.monotonic() - start
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        os._exit(0)  # the group cannot be torn down cleanly without its peer
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def reference(mode: str, batches: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Single-process loss and gradients of one step over data-parallel batches (their mean, as DDP gives)."""
+    model = make_model(*MODES[mode][:2])
+    losses = []
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids).loss / len(batches)
+        loss.backward()
+        losses.append(loss.detach() * len(batches))
+    grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()
+             if p.requires_grad}
+    return torch.stack(losses), grads
+
+
+def check_against_reference(results: list[dict], mode: str, pipeline_parallel: int) -> None:
+    data_parallel = len(results) // pipeline_parallel
+    batches = []
+    for d in range(data_parallel):
+        group = results[d * pipeline_parallel : (d + 1) * pipeline_parallel]
+        for r in group:  # every rank of a pipeline read the same batch
+            assert torch.equal(r[mode]["ids"], group[0][mode]["ids"])
+        batches.append(group[0][mode]["ids"])
+    if data_parallel > 1:  # the pipelines read different batches
+        assert not torch.equal(batches[0], batches[1])
+    losses, expected = reference(mode, batches)
+    for d in range(data_parallel):
+        for r in results[d * pipeline_parallel : (d + 1) * pipeline_parallel]:
+            torch.testing.assert_close(r[mode]["loss"], losses[d], atol=1e-5, rtol=0)
+    for rank, r in enumerate(results):
+        grads = r[mode]["grads"]
+        assert grads.keys() == expected.keys()
+        for name, grad in expected.items():
+            torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=f"{mode} rank {rank}: {name}")
+    memory_grads = [g for n, g in expected.items() if "comet_memory." in n]
+    assert memory_grads and any(g.abs().sum() > 0 for g in memory_grads)
+    if mode == "lora":
+        lora = [g for n, g in expected.items() if "lora_A" in n]
+        assert lora and all(g.abs().sum() > 0 for g in lora)
+    assert 1 <= results[0][mode]["buckets"] <= 2  # a bucketed all-reduce, not one collective per tensor
+
+
+def run_session(world, pipeline_parallel, modes, tmp_path, check_failures=False) -> list[dict]:
+    args = (world, free_port(), pipeline_parallel, modes, str(tmp_path), check_failures)
+    mp.start_processes(worker, args=args, nprocs=world, start_method="spawn")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world if not check_failures else 1)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("p2")
+    mp.start_processes(worker, args=(2, free_port(), 2, list(MODES), str(tmp), True), nprocs=2, start_method="spawn")
+    return [torch.load(tmp / "rank0.pt", weights_only=False)]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_two_pipeline_ranks_match_single_process(two_ranks, mode):
+    results = two_ranks
+    # rank 1 left without saving (it is the rank that dies below); its gradients equal rank 0's by construction of
+    # the all-reduce, which the four-rank test checks on every rank.
+    finetuning, stride, _ = MODES[mode]
+    losses, expected = reference(mode, [results[0][mode]["ids"]])
+    torch.testing.assert_close(results[0][mode]["loss"], losses[0], atol=1e-5, rtol=0)
+    grads = results[0][mode]["grads"]
+    assert grads.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=f"{mode}: {name}")
+    assert any(g.abs().sum() > 0 for n, g in expected.items() if "comet_memory." in n)
+    if finetuning == "lora":
+        assert all(g.abs().sum() > 0 for n, g in expected.items() if "lora_A" in n)
+    if finetuning == "memory":
+        assert all("comet_memory." in n for n in expected)
+    assert 1 <= results[0][mode]["buckets"] <= 2  # a bucketed all-reduce, not one collective per tensor
+
+
+def test_sample_too_short_to_split_is_a_clear_error(two_ranks):
+    message = two_ranks[0]["split_error"]
+    assert "1 chunk(s)" in message and "2 pipeline ranks" in message and "at least 17 tokens" in message
+
+
+def test_dead_rank_raises_within_the_timeout(two_ranks):
+    result = two_ranks[0]
+    assert "dead_rank_error" in result, "a rank died and its peer did not raise"
+    assert "rank 1" in result["dead_rank_error"] and "--ddp_timeout" in result["dead_rank_error"]
+    assert result["dead_rank_seconds"] < TIMEOUT_S + 10
+
+
+def test_two_pipelines_of_two_ranks_match_single_process(tmp_path):
+    results = run_session(4, 2, ["lora"], tmp_path)
+    check_against_reference(results, "lora", 2)
