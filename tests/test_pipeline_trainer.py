@@ -163,10 +163,10 @@ def check_against_reference(results: list[dict], mode: str, pipeline_parallel: i
     assert 1 <= results[0][mode]["buckets"] <= 2  # a bucketed all-reduce, not one collective per tensor
 
 
-def run_session(world, pipeline_parallel, modes, tmp_path, check_failures=False) -> list[dict]:
-    args = (world, free_port(), pipeline_parallel, modes, str(tmp_path), check_failures)
-    mp.start_processes(worker, args=args, nprocs=world, start_method="spawn")
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world if not check_failures else 1)]
+def run_session(world, pipeline_parallel, modes, tmp_path) -> list[dict]:
+    mp.start_processes(worker, args=(world, free_port(), pipeline_parallel, modes, str(tmp_path), False), nprocs=world,
+                       start_method="spawn")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +211,42 @@ def test_dead_rank_raises_within_the_timeout(two_ranks):
 def test_two_pipelines_of_two_ranks_match_single_process(tmp_path):
     results = run_session(4, 2, ["lora"], tmp_path)
     check_against_reference(results, "lora", 2)
+
+
+def test_command_line_trains_with_pipeline_parallel(tmp_path):
+    """`torchrun -m training.comet_trainer --pipeline_parallel 2`: trains, evaluates and saves like the plain run."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.test_convert import tiny_tokenizer
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    LlamaForCausalLM(
+        LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+    ).save_pretrained(base)
+    tiny_tokenizer(96).save_pretrained(base)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"w{3 + (i * 7) % 90}" for i in range(2000)))
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+        "-m", "training.comet_trainer", "--pipeline_parallel", "2",
+        "--model_name_or_path", str(base), "--train_files", str(corpus), "--output_dir", str(out),
+        "--chunk_size", "16", "--global_mem_size", "4", "--temp_beacon_stride", "4", "--temp_mem_budget", "8",
+        "--sample_tokens", "64", "--max_steps", "3", "--per_device_train_batch_size", "2", "--use_cpu",
+        "--report_to", "none", "--save_strategy", "no", "--eval_samples", "2", "--learning_rate", "1e-3",
+        "--logging_steps", "1", "--ddp_timeout", "60",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = [line for line in result.stdout.splitlines() if line.startswith("{'eval_loss_before'")]
+    assert summary and "eval_loss_after" in summary[0], result.stdout[-2000:]
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"]
+    assert (out / "adapter_model.safetensors").is_file()
