@@ -61,7 +61,10 @@ def remap_memory_keys(state: dict, model: torch.nn.Module) -> dict:
 
 
 def save_trained_weights(model: torch.nn.Module, path: str | Path) -> Path:
-    """Write the memory parameters and any LoRA factors of ``model`` (a CoMeT model, PEFT-wrapped or not)."""
+    """Write the memory parameters and any LoRA factors of ``model`` (a CoMeT model, PEFT-wrapped or not).
+
+    Under FSDP2 the parameters are sharded (`DTensor`): every process must call this, each shard is gathered, and
+    only the main process (rank 0) writes the file."""
     from safetensors.torch import save_file
 
     from .atomic import atomic_file
@@ -70,9 +73,14 @@ def save_trained_weights(model: torch.nn.Module, path: str | Path) -> Path:
     for name, param in model.named_parameters():
         key = _canonical(name)
         if key is not None and (key.startswith(MEMORY) or param.requires_grad):
-            tensors[key] = param.detach().float().contiguous().cpu()
+            value = param.detach()
+            if hasattr(value, "full_tensor"):  # a DTensor shard (FSDP2): gather the whole parameter
+                value = value.full_tensor()
+            tensors[key] = value.float().contiguous().cpu()
     if not any(k.startswith(MEMORY) for k in tensors):
         raise ValueError("the model has no comet_memory parameters")
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return Path(path)
     metadata = {"format": FORMAT}
     peft_config = getattr(model, "peft_config", {}).get("default")
     if any(".lora_" in k for k in tensors):

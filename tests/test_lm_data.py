@@ -6,12 +6,12 @@ Everything is local (generators and files in `tmp_path`): no network.
 import json
 
 import pytest
-from datasets import Dataset, IterableDataset, load_dataset
+from datasets import Dataset, IterableDataset
 
 from tests.test_convert import tiny_tokenizer
 from training.comet_config import CometTrainingConfig
 from training.comet_trainer import build_recall_data, load_texts
-from training.lm_data import iter_texts, lm_datasets, load_text_dataset, pack_dataset, split_eval
+from training.lm_data import lm_datasets, load_text_dataset, pack_dataset, split_eval
 
 VOCAB = 64
 EOS = 1  # tiny_tokenizer: "w1" is EOS, "w2" BOS, "w0" unknown

@@ -334,10 +334,15 @@ def main(argv: list[str] | None = None) -> dict:
         temp_budget_choices=config.temp_budget_list,
         callbacks=[TimeBudget(config.max_train_minutes)] if config.max_train_minutes else None,
     )
-    before = trainer.evaluate() if eval_data is not None and resume is None else {}
+    # The loss before training is evaluated by `train()` itself, once the model is wrapped for DDP, FSDP or DeepSpeed:
+    # `evaluate()` before `train()` makes accelerate mark the bare model as prepared, so that DDP would not wrap it
+    # (the processes would train apart), and FSDP2 refuses to shard a model without its optimizer.
+    config.eval_on_start = config.eval_on_start or (eval_data is not None and resume is None)
     if resume:
         print(f"resuming from {resume}")
     trainer.train(resume_from_checkpoint=resume)
+    first = [e for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == 0]
+    before = first[0] if first and resume is None else {}
     after = trainer.evaluate() if eval_data is not None else {}
     trainer.save_model(config.output_dir)
     tokenizer.save_pretrained(config.output_dir)
