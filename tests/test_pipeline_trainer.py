@@ -1,9 +1,9 @@
 """`PipelineTrainer` (layer wavefront inside `transformers.Trainer`) on CPU gloo ranks against one process.
 
-One spawned session of 2 ranks (P=2) trains one step in three fine-tuning modes and then checks the failure paths
-(a sample too short to split, a rank that dies); one session of 4 ranks (P=2 × D=2) trains one LoRA step. Each rank
-records the batch it read and its gradients just before the optimizer step; the test recomputes the same step with
-the plain model on one process.
+One spawned session of 2 ranks (P=2) trains one step in three fine-tuning modes, then checks the failure paths (a
+sample too short to split, a rank that hangs, a rank that dies); one session of 4 ranks (P=2 × D=2) trains one LoRA
+step on every rank. Each rank records the batch it read and its gradients just before the optimizer step; the test
+recomputes the same step with the plain model on one process. A last test runs the command line under torchrun.
 """
 
 import os
@@ -21,6 +21,8 @@ from tests.test_comet_model import VOCAB, tiny_comet
 LENGTH = 5 * 16 + 7  # six chunks of 16: three per pipeline rank
 ROWS = 8
 TIMEOUT_S = 5
+HANG_TIMEOUT_S = 2  # a rank that hangs: its peer must give up after this
+HANG_S = 6  # how long the hung rank stays silent before it dies
 # name: (fine-tuning, temp_beacon_stride, activation checkpointing)
 MODES = {"full": ("full", 4, False), "lora": ("lora", 4, True), "memory": ("memory", -1, False)}
 
@@ -99,24 +101,31 @@ def worker(rank, world, port, pipeline_parallel, modes, out_dir, check_failures)
     if check_failures:
         from training.layer_pipeline import PipelineCommunicationError, layer_pipeline_loss
 
+        if not dist.is_initialized():  # (the trainers above initialise it)
+            dist.init_process_group("gloo", rank=rank, world_size=world)
         group = dist.new_group([0, 1], timeout=timedelta(seconds=TIMEOUT_S))
+        hang_group = dist.new_group([0, 1], timeout=timedelta(seconds=HANG_TIMEOUT_S))
         model = make_model("full", 4)
         short = torch.randint(3, VOCAB, (1, 16))  # one chunk for two ranks
         try:
             layer_pipeline_loss(model, short, short, group)
         except ValueError as error:
             results["split_error"] = str(error)
+        ids = torch.randint(3, VOCAB, (1, LENGTH))
         dist.barrier()
         if rank == 1:
-            os._exit(0)  # dies without a word while rank 0 runs the pipeline
-        time.sleep(0.5)
-        ids = torch.randint(3, VOCAB, (1, LENGTH))
-        start = time.monotonic()
-        try:
-            layer_pipeline_loss(model, ids, ids, group).backward()
-        except PipelineCommunicationError as error:
-            results["dead_rank_error"] = str(error)
-        results["dead_rank_seconds"] = time.monotonic() - start
+            time.sleep(HANG_S)  # alive but silent (a hung rank) ...
+            os._exit(0)  # ... then dies without a word
+        silent_since = time.monotonic()
+        for case, grp in (("hung_rank", hang_group), ("dead_rank", group)):
+            if case == "dead_rank":  # wait until rank 1 has exited
+                time.sleep(max(0.0, silent_since + HANG_S + 0.5 - time.monotonic()))
+            start = time.monotonic()
+            try:
+                layer_pipeline_loss(model, ids, ids, grp).backward()
+            except PipelineCommunicationError as error:
+                results[f"{case}_error"] = str(error)
+            results[f"{case}_seconds"] = time.monotonic() - start
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         os._exit(0)  # the group cannot be torn down cleanly without its peer
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -201,11 +210,19 @@ def test_sample_too_short_to_split_is_a_clear_error(two_ranks):
     assert "1 chunk(s)" in message and "2 pipeline ranks" in message and "at least 17 tokens" in message
 
 
+def test_hung_rank_raises_after_the_timeout(two_ranks):
+    result = two_ranks[0]
+    assert "hung_rank_error" in result, "a rank stopped answering and its peer did not raise"
+    assert "rank 1" in result["hung_rank_error"] and "--ddp_timeout" in result["hung_rank_error"]
+    assert "timed out" in result["hung_rank_error"].lower()
+    assert HANG_TIMEOUT_S - 0.5 < result["hung_rank_seconds"] < HANG_S  # the timeout, not the rank's exit, ended it
+
+
 def test_dead_rank_raises_within_the_timeout(two_ranks):
     result = two_ranks[0]
     assert "dead_rank_error" in result, "a rank died and its peer did not raise"
     assert "rank 1" in result["dead_rank_error"] and "--ddp_timeout" in result["dead_rank_error"]
-    assert result["dead_rank_seconds"] < TIMEOUT_S + 10
+    assert result["dead_rank_seconds"] < TIMEOUT_S
 
 
 def test_two_pipelines_of_two_ranks_match_single_process(tmp_path):

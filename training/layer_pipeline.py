@@ -43,7 +43,7 @@ def _communicate(what: str, fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except RuntimeError as error:  # gloo/NCCL report a dead peer or a timeout as RuntimeError (DistBackendError)
         raise PipelineCommunicationError(
-            f"{what} failed: a pipeline rank died or stopped answering within the process group's timeout "
+            f"{what} failed: a pipeline rank died, or did not answer within the process group's timeout "
             f"(--ddp_timeout). Original error: {error}"
         ) from error
 
