@@ -1,4 +1,4 @@
-.PHONY: setup demo test bench lint
+.PHONY: setup demo test test-transformers bench lint
 
 setup:
 	bash scripts/setup.sh
@@ -9,6 +9,11 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q tests
+
+# transformers' own model, generation and config test mixins on tiny CoMeT models, taken from the installed release's
+# tests/ (TRANSFORMERS_SRC=<checkout of that version>, else its tagged source archive, downloaded once); ARGS for pytest.
+test-transformers: setup
+	bash scripts/transformers_conformance.sh $(ARGS)
 
 bench: setup
 	.venv/bin/python -m benchmarks.comet_scaling

@@ -765,14 +765,11 @@ class CometModel(CometPreTrainedModel):
         return torch.cat(parts).to(dtype)[None].expand(batch_size, -1, -1)
 
     def _run_layer(self, layer: int, hidden, mask, position_embeddings, position_ids, cache=None):
-        return self.layers[layer](
-            hidden,
-            attention_mask=mask,
-            position_embeddings=position_embeddings,
-            position_ids=position_ids,
-            use_cache=cache is not None,
-            **{_LAYER_CACHE_ARG: cache},
-        )
+        # Positional, in the decoder-layer order every supported base shares (hidden_states, attention_mask,
+        # position_ids, cache, use_cache, position_embeddings): a gradient-checkpointing wrapper then receives this
+        # call's tensors as its own arguments. Each layer runs once per chunk, on windows of different widths, so
+        # nothing of one call may be kept for another's recomputation.
+        return self.layers[layer](hidden, mask, position_ids, cache, cache is not None, position_embeddings)
 
     # ------------------------------------------------------------------ whole-chunk path (training, scoring)
     def _chunk_inputs(self, embeds, valid, state: CometMemoryState, fold: bool, layout: CometWindowLayout):
@@ -1312,6 +1309,7 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
         layer_major: bool | None = None,
         label_weights: torch.Tensor | None = None,
         temp_budget: int | None = None,
+        shift_labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         r"""
@@ -1335,17 +1333,27 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
             temp_budget (`int`, *optional*): see only the newest `temp_budget` (0 .. `temp_mem_budget`) temporary
                 memory entries in this forward (no-cache path); training samples it so the global memory must carry
                 what lies beyond that window.
+            shift_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): targets already
+                aligned with the positions (`shift_labels[:, t]` is the target of token `t`), as sequence- and
+                context-parallel trainers pass them; they replace `labels` for the loss (transformers' convention).
         """
         cache = kwargs.pop("past_key_values", cache)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if use_cache is None:
-            no_cache_only = self.training or labels is not None or layer_major is not None or temp_budget is not None
+            no_cache_only = (
+                self.training or labels is not None or shift_labels is not None or layer_major is not None
+                or temp_budget is not None
+            )  # fmt: skip
             use_cache = cache is not None or (self.config.use_cache and not no_cache_only)
         B, L, dtype, device = self.model._input_shape(input_ids, inputs_embeds)
-        if labels is not None and tuple(labels.shape) != (B, L):
-            raise ValueError(f"labels must have the input's shape {(B, L)}, got {tuple(labels.shape)}")
+        for name, value in (("labels", labels), ("shift_labels", shift_labels)):
+            if value is not None and tuple(value.shape) != (B, L):
+                raise ValueError(f"{name} must have the input's shape {(B, L)}, got {tuple(value.shape)}")
         if label_weights is not None and (labels is None or label_weights.shape != labels.shape):
             raise ValueError("label_weights needs labels of the same shape")
+        if label_weights is not None and shift_labels is not None:
+            raise ValueError("label_weights are aligned with labels; pass them with labels, not with shift_labels")
+        aligned_labels, shift_labels = shift_labels, None
 
         # Which input columns need logits: (K,) column indices and, per column, its row in the kept block.
         if isinstance(logits_to_keep, int):
@@ -1358,9 +1366,11 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
 
         shift_labels = shift_weights = None
         loss_sum = torch.zeros((), device=device)
-        if labels is not None:
+        if labels is not None or aligned_labels is not None:
             valid = torch.ones(B, L, dtype=torch.bool, device=device) if attention_mask is None else attention_mask[:, -L:].bool()
-            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100).masked_fill(~valid, -100)  # target of column t
+            if aligned_labels is None:
+                aligned_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+            shift_labels = aligned_labels.to(device).masked_fill(~valid, -100)  # target of column t
             if label_weights is not None:
                 shift_weights = F.pad(label_weights[:, 1:].float(), (0, 1)).masked_fill(shift_labels == -100, 0.0)
 
