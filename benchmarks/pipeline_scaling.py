@@ -210,32 +210,64 @@ FOUR_B = dict(params=4.02e9, hidden=2560, layers=36, intermediate=9728, vocab=15
               stride=8, temp_budget=2048)
 
 
-def four_b_estimate(saved_per_token_layer_hidden: float) -> list[dict]:
-    """Memory per rank of a 4B CoMeT at 128k tokens (bf16 activations), from the per-token coefficients measured here."""
+def four_b_estimate(saved_per_token_layer_hidden: float, gpu: dict | None = None) -> dict:
+    """Memory per rank (and, with a GPU measurement, step time) of a 4B CoMeT at 128k tokens, bf16.
+
+    With ``gpu`` (the output of `benchmarks.pipeline_memory_4b`, measured on that model): its bytes per chunk held,
+    transient and weights, and its seconds per chunk. Without: the (2·window + 2G + T)·d formula checked on the small
+    model here, and a transient from this CPU's per-token coefficient.
+    """
     s = FOUR_B
-    rows = []
     window = window_tokens(s)
-    for finetuning, state_bytes_per_param in (("lora", 2.0), ("full", 16.0)):
+    N = 128 * 1024 // s["chunk_size"]
+    logits = 2 * s["chunk_size"] * s["vocab"] * 4
+    if gpu is not None:
+        per_chunk = gpu["checkpointed_bytes_per_chunk"]
+        per_chunk_plain = gpu["plain_bytes_per_chunk"]
+        transient = max(gpu["checkpointed_transient_bytes"], 0.0)
+        frozen_weights = gpu["weights_bytes"]
+        runs = [r for r in gpu["runs"] if r["checkpointing"]]
+        longest = max(runs, key=lambda r: r["chunks"])
+        seconds_per_chunk = longest["seconds"] / longest["chunks"]
+        source = (f"measured on {gpu['gpu']} (benchmarks.pipeline_memory_4b: base frozen, memory trained, "
+                  f"activation checkpointing; peak CUDA memory against chunks held)")
+    else:
+        per_chunk = s["layers"] * (2 * window + 2 * s["global_mem"] + s["temp_budget"]) * s["hidden"] * 2
+        per_chunk_plain = s["layers"] * window * s["hidden"] * saved_per_token_layer_hidden * 0.5
+        transient = window * s["hidden"] * saved_per_token_layer_hidden * 0.5 + logits
+        frozen_weights = s["params"] * 2
+        seconds_per_chunk = None
+        source = "formula (2*window + 2G + T)*d*2 bytes per layer and chunk, checked on the small CPU model"
+    rows = []
+    for finetuning, weights in (("lora", frozen_weights), ("full", s["params"] * 16.0)):
         for P in (1, 2, 4, 8, 16):
-            N = 128 * 1024 // s["chunk_size"]
-            per_rank_chunks = -(-N // P)
-            weights = s["params"] * state_bytes_per_param
-            # Saved for backward: with checkpointing, each layer's input (window·hidden) plus its memory.
-            # (2·window + 2G + T)·d bf16 values per layer and chunk: the formula the measurement here checks.
-            ckpt = per_rank_chunks * s["layers"] * (2 * window + 2 * s["global_mem"] + s["temp_budget"]) * s["hidden"] * 2
-            plain = per_rank_chunks * s["layers"] * window * s["hidden"] * saved_per_token_layer_hidden * 0.5
-            # Transient while recomputing one layer of one chunk, and one chunk's fp32 logits and their gradient.
-            transient = window * s["hidden"] * saved_per_token_layer_hidden * 0.5 + 2 * s["chunk_size"] * s["vocab"] * 4
+            held = -(-N // P)
             message = memory_message_bytes(s["hidden"], s["global_mem"], s["temp_budget"], 1, 2)
-            rows.append(dict(finetuning=finetuning, P=P, chunks_per_rank=per_rank_chunks,
-                             memory_bytes_sent_per_rank_per_step=2 * s["layers"] * message if P > 1 else 0,
-                             gradient_bytes_allreduced=s["params"] * 4 if finetuning == "full" else 0,
-                             weights_optimizer_gib=weights / 2**30,
-                             activations_checkpointed_gib=(ckpt + transient) / 2**30,
-                             activations_plain_gib=(plain + transient) / 2**30,
-                             total_checkpointed_gib=(weights + ckpt + transient) / 2**30,
-                             total_plain_gib=(weights + plain + transient) / 2**30))
-    return rows
+            row = dict(finetuning=finetuning, P=P, chunks_per_rank=held,
+                       memory_bytes_sent_per_rank_per_step=2 * s["layers"] * message if P > 1 else 0,
+                       gradient_bytes_allreduced=s["params"] * 4 if finetuning == "full" else 0,
+                       weights_optimizer_gib=weights / 2**30,
+                       activations_checkpointed_gib=(held * per_chunk + transient) / 2**30,
+                       activations_plain_gib=held * per_chunk_plain / 2**30,
+                       total_checkpointed_gib=(weights + held * per_chunk + transient) / 2**30)
+            if seconds_per_chunk is not None and finetuning == "lora":
+                # The wavefront: L + P − 1 stages of held chunks, each a layer's share (1/L) of a chunk's time.
+                row["step_seconds_checkpointed"] = (s["layers"] + P - 1) / s["layers"] * held * seconds_per_chunk
+            rows.append(row)
+    return {"model": FOUR_B, "source": source, "bytes_per_chunk_checkpointed": per_chunk,
+            "bytes_per_chunk_plain": per_chunk_plain, "transient_bytes": transient,
+            "seconds_per_chunk_checkpointed": seconds_per_chunk,
+            "note": "bf16; one 128k-token sample per pipeline (64 chunks of 2048); lora: frozen bf16 weights (adapters "
+                    "negligible); full: 16 bytes/param (bf16 weights + fp32 master, AdamW moments, gradients) held "
+                    "whole on every pipeline rank; step time (lora rows, GPU source only): memory-only training "
+                    "(no weight gradients for the base), interconnect time left out (15.7 MB per hand-off)",
+            "rows": rows}
+
+
+def load_gpu(out: Path) -> dict | None:
+    """The 4B GPU measurement (`benchmarks.pipeline_memory_4b`) beside the results, if it was made."""
+    path = out / "four_b_gpu.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -253,7 +285,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--temp-budget", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--remodel", action="store_true",
+                        help="measure nothing: recompute the 4B estimate of an existing JSON (e.g. after a GPU run)")
     args = parser.parse_args(argv)
+    if args.remodel:
+        payload = json.loads((args.out / "pipeline_scaling.json").read_text())
+        coef = payload["measured"]["saved_bytes_per_window_token_layer_hidden"]
+        payload["modelled"]["four_b_128k"] = four_b_estimate(coef, load_gpu(args.out))
+        atomic_write_json(args.out / "pipeline_scaling.json", payload)
+        plot(payload, args.out / "pipeline_scaling.png")
+        return payload
     spec = dict(layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads,
                 kv_heads=args.kv_heads, vocab=args.vocab, chunk_size=args.chunk_size, chunks=args.chunks,
                 global_mem=args.global_mem, stride=args.stride, temp_budget=args.temp_budget, repeats=args.repeats)
@@ -333,14 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "T(P) = (L+P-1)*ceil(N/P)*t_cell + ceil(N/P)*t_head + 2*(L+P-1)*t_msg + ring all-reduce; "
                     "memory = ceil(N/P)*L*saved bytes per layer and chunk",
             "points": modelled,
-            "four_b_128k": {"model": FOUR_B, "note": "bf16 activations; checkpointed: (2*window + 2G + T)*d values "
-                            "per layer and chunk (the formula checked against the measurement above); plain (no "
-                            "checkpointing) and the one-layer transient: half the fp32 per-token coefficient measured "
-                            "here with CPU sdpa (math kernel, scores materialised; GPU kernels keep less), so rough; "
-                            "lora: 2 bytes/param (frozen bf16 weights, adapters negligible); full: 16 bytes/param "
-                            "(bf16 weights + fp32 master, AdamW moments, gradients), held whole on every pipeline "
-                            "rank; transient: one layer of one chunk plus one chunk's fp32 logits and gradient",
-                            "rows": four_b_estimate(coef_plain)},
+            "four_b_128k": four_b_estimate(coef_plain, load_gpu(args.out)),
         },
     }
     atomic_write_json(args.out / "pipeline_scaling.json", payload)
