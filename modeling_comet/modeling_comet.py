@@ -535,7 +535,7 @@ class _TokenSource:
     def __init__(self, embed_tokens: nn.Module, input_ids, inputs_embeds, valid: torch.Tensor):
         self.embed_tokens = embed_tokens
         self.batch_size, self.length = valid.shape
-        if bool(valid.all()):
+        if not torch.compiler.is_compiling() and bool(valid.all()):  # the general path traces
             self.order = None
             self.valid = valid
         else:
@@ -1047,6 +1047,12 @@ class CometModel(CometPreTrainedModel):
 
         Returns the cache (or None), the per-layer hidden states and the attentions (None unless asked).
         """
+        if torch.compiler.is_exporting() and (use_cache or cache is not None):
+            raise ValueError(
+                "torch.export of CoMeT covers the cache-free forward only (whole input, fixed shape): pass "
+                "use_cache=False (or call model.train()). With a CometCache, when a window folds into memory depends "
+                "on the tokens already read, which an exported graph cannot decide."
+            )
         B, L, dtype, device = self._input_shape(input_ids, inputs_embeds)
         if attention_mask is None:
             valid = torch.ones(B, L, dtype=torch.bool, device=device)
@@ -1113,6 +1119,8 @@ class CometModel(CometPreTrainedModel):
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
         vocab = self.config.base_config.vocab_size
+        if torch.compiler.is_compiling():  # a value check cannot be traced: torch.export/compile skip it
+            return *input_ids.shape, self.embed_tokens.weight.dtype, input_ids.device
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= vocab:
             raise ValueError(
