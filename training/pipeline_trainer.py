@@ -51,7 +51,8 @@ class PipelineGroups:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 f"pipeline_parallel={pipeline_parallel} needs torch.distributed: launch with `torchrun "
-                f"--nproc_per_node {pipeline_parallel} -m training.comet_trainer ...` or `accelerate launch`"
+                f"--nproc_per_node {pipeline_parallel} -m training.comet_trainer ...` or `accelerate launch --config_file "
+                f"training/recipes/accelerate_ddp.yaml --num_processes {pipeline_parallel} -m training.comet_trainer ...`"
             )
         world, rank = dist.get_world_size(), dist.get_rank()
         P = pipeline_parallel
