@@ -57,6 +57,15 @@ def dataset():
     return Dataset.from_dict({"input_ids": rows, "labels": rows})
 
 
+def extras_batch():
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, VOCAB, (2, LENGTH), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # left padding: row 1 is chunked from its own first token
+    weights = torch.rand(ids.shape, generator=g)
+    return ids, mask, weights
+
+
 def train_one_step(mode: str, pipeline_parallel: int, out_dir: str) -> dict:
     """One optimizer step with `PipelineTrainer`; returns the batch, the logged loss and the pre-step gradients."""
     from transformers import TrainerCallback, default_data_collator
@@ -99,7 +108,13 @@ def worker(rank, world, port, pipeline_parallel, modes, out_dir, check_failures)
     torch.set_num_threads(1)
     results = {mode: train_one_step(mode, pipeline_parallel, os.path.join(out_dir, f"run-{mode}")) for mode in modes}
     if check_failures:
-        from training.layer_pipeline import PipelineCommunicationError, layer_pipeline_loss
+        from training.layer_pipeline import (
+            PipelineCommunicationError,
+            all_reduce_gradients,
+            all_reduce_loss,
+            layer_pipeline_forward,
+            layer_pipeline_loss,
+        )
 
         if not dist.is_initialized():  # (the trainers above initialise it)
             dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -111,6 +126,15 @@ def worker(rank, world, port, pipeline_parallel, modes, out_dir, check_failures)
             layer_pipeline_loss(model, short, short, group)
         except ValueError as error:
             results["split_error"] = str(error)
+        # Padding, label weights, a temporary-memory budget and kept logits, as recall training uses them.
+        ids, mask, weights = extras_batch()
+        out = layer_pipeline_forward(model, ids, ids, group, attention_mask=mask, label_weights=weights, temp_budget=4,
+                                     logits_to_keep=5)
+        out.loss.backward()
+        all_reduce_gradients(model, group)
+        results["extras"] = {"loss": all_reduce_loss(out.loss, group), "logits": out.logits,
+                             "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+        model.zero_grad(set_to_none=True)
         ids = torch.randint(3, VOCAB, (1, LENGTH))
         dist.barrier()
         if rank == 1:
@@ -203,6 +227,19 @@ def test_two_pipeline_ranks_match_single_process(two_ranks, mode):
     if finetuning == "memory":
         assert all("comet_memory." in n for n in expected)
     assert 1 <= results[0][mode]["buckets"] <= 2  # a bucketed all-reduce, not one collective per tensor
+
+
+def test_padding_label_weights_temp_budget_and_kept_logits_match_single_process(two_ranks):
+    result = two_ranks[0]["extras"]
+    model = make_model("full", 4)
+    ids, mask, weights = extras_batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids, label_weights=weights, temp_budget=4, logits_to_keep=5)
+    out.loss.backward()
+    torch.testing.assert_close(result["loss"], out.loss.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(result["logits"], out.logits.detach(), atol=1e-5, rtol=0)
+    for name, param in model.named_parameters():
+        expected = param.grad if param.grad is not None else torch.zeros_like(param)
+        torch.testing.assert_close(result["grads"][name], expected, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_sample_too_short_to_split_is_a_clear_error(two_ranks):
