@@ -162,6 +162,12 @@ class PipelineTrainer(CometTrainer):
                 self.curriculum.record(exact)
         return (out.loss, out) if return_outputs else out.loss
 
+    def _track_num_input_tokens(self, inputs):
+        # Trainer sums the tokens of every rank; the P ranks of a pipeline read the same batch, so count it once.
+        before = self.state.num_input_tokens_seen
+        super()._track_num_input_tokens(inputs)
+        self.state.num_input_tokens_seen = before + (self.state.num_input_tokens_seen - before) // self.groups.pipeline_parallel
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
