@@ -689,6 +689,9 @@ class CometModel(CometPreTrainedModel):
         self.gradient_checkpointing = False
         self._layouts: dict = {}
         self.post_init()
+        # The base's own decoder-layer class, not the class-level list of every supported one: FSDP's auto-wrap
+        # and `device_map` look each name up in the model and refuse one it does not contain.
+        self._no_split_modules = sorted({type(layer).__name__ for layer in self.layers})
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -1210,6 +1213,7 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.base_config.hidden_size, config.base_config.vocab_size, bias=False)
         self._register_load_state_dict_pre_hook(_rename_legacy_memory_keys)
         self.post_init()
+        self._no_split_modules = list(self.model._no_split_modules)
 
     @property
     def comet_memory(self) -> CometMemory:

@@ -64,7 +64,7 @@ if os.environ.get("TEST_DEEPSPEED_NO_SHM") == "1":  # all-reduce through gloo, n
 
 import training.comet_trainer as ct
 
-trainers, batches, kinds = [], [], []
+trainers, batches, kinds, units = [], [], [], set()
 init_trainer, compute_loss = ct.CometTrainer.__init__, ct.CometTrainer.compute_loss
 
 def init_and_keep(self, *args, **kwargs):
@@ -75,6 +75,7 @@ def loss_and_record(self, model, inputs, *args, **kwargs):
     if model.training:
         batches.append(inputs["input_ids"].tolist())
         kinds.append(type(model).__name__)
+        units.update(type(m).__name__ for m in model.modules() if type(m).__name__.startswith("FSDP"))
     return compute_loss(self, model, inputs, *args, **kwargs)
 
 ct.CometTrainer.__init__, ct.CometTrainer.compute_loss = init_and_keep, loss_and_record
@@ -82,7 +83,7 @@ summary = ct.main(sys.argv[2:])
 trainer = trainers[0]
 info = {
     "rank": trainer.args.process_index, "world": trainer.args.world_size, "fsdp": bool(trainer.is_fsdp_enabled),
-    "kinds": kinds, "batches": batches, "summary": summary,
+    "kinds": kinds, "batches": batches, "summary": summary, "fsdp_units": sorted(units),
     "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
 }
 with open(os.path.join(sys.argv[1], f"rank{info['rank']}.json"), "w") as f:
@@ -199,6 +200,8 @@ def test_fsdp_recipe_shards_and_matches_one_process(tiny_base, corpus, reference
         env_extra={"TEST_FSDP_ON_CPU": "1"},
     )  # fmt: skip
     assert all(r["fsdp"] and set(r["kinds"]) == {"FSDPPeftModelForCausalLM"} for r in ranks)  # FSDP2 fully_shard
+    # every decoder layer is its own unit, found through the model's `_no_split_modules` (the recipe names none)
+    assert all("FSDPLlamaDecoderLayer" in r["fsdp_units"] for r in ranks), ranks[0]["fsdp_units"]
     check_data_parallel_run(ranks, out, reference)
 
 
