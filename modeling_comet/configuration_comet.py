@@ -163,4 +163,24 @@ class CometConfig(PreTrainedConfig):
         return self.base_config
 
 
+def _from_base(name: str) -> property:
+    """The base configuration's ``name`` seen from the top level (``config.hidden_size`` as generic code expects);
+    setting it sets the base's (``resize_token_embeddings`` updates ``vocab_size`` this way)."""
+
+    def get(self):
+        return getattr(self.base_config, name)
+
+    def set(self, value):
+        setattr(self.base_config, name, value)
+
+    return property(get, set, doc=f"The base model's `{name}` (stored in `base_config`).")
+
+
+# The base's sizes, at the top level as on every transformers configuration (DeepSpeed's "auto" values, PEFT and
+# other generic code read `config.hidden_size`). Not fields: they are saved once, in `base_config`.
+for _name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "vocab_size"):
+    setattr(CometConfig, _name, _from_base(_name))
+del _name
+
+
 __all__ = ["CometConfig", "SUPPORTED_BASE_MODEL_TYPES", "check_supported_base"]

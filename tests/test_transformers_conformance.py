@@ -110,3 +110,21 @@ def test_generate_returns_hidden_states_and_attentions_per_step():
     assert [h.shape for h in out.hidden_states[1]] == [(2, 1, 64)] * 3
     assert [a.shape for a in out.attentions[1]] == [(2, 4, 1, window)] * 2
     assert torch.equal(out.sequences, model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False))
+
+
+def test_config_exposes_the_base_sizes_at_the_top_level():
+    import json
+
+    from transformers import LlamaConfig
+
+    from modeling_comet import CometConfig
+
+    base = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=96)
+    config = CometConfig(base_config=base)
+    sizes = ("hidden_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "vocab_size")
+    assert [getattr(config, n) for n in sizes] == [32, 4, 3, 2, 96]
+    config.vocab_size = 100  # what resize_token_embeddings does: the base's value changes, the one place it lives
+    assert config.base_config.vocab_size == 100
+    saved = json.loads(config.to_json_string())
+    assert not set(sizes) & set(saved) and saved["base_config"]["vocab_size"] == 100
