@@ -23,7 +23,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import tempfile
 import time
@@ -31,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.ram_latency import write_atomically
+from convert.atomic import atomic_file
+from evaluation.common import atomic_write_json
 
 OBJECTS = [
     f"{colour} {thing}"
@@ -249,8 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = {**{key: getattr(args, key) for key in vars(args)}, "context_tokens": context_tokens,
                "question_tokens": question_tokens, "rows": rows, "training": training}
     output = Path(args.output_dir)
-    write_atomically(output / "ram_synthetic.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
-    write_atomically(output / "ram_synthetic.md", lambda tmp: Path(tmp).write_text(markdown_table(results)))
+    atomic_write_json(output / "ram_synthetic.json", results)
+    with atomic_file(output / "ram_synthetic.md") as tmp:
+        tmp.write_text(markdown_table(results))
     print(markdown_table(results))
     return results
 
