@@ -1,0 +1,70 @@
+"""Where does a CoMeT checkpoint's recall stop? Passkey exact-match by fact distance and temporary-memory budget.
+
+    OMP_NUM_THREADS=1 python -m scripts.recall_diagnostic FOLDER [FOLDER ...] --output diag.json
+
+For each checkpoint folder, passkey samples built like the recall training data (real prose filler, 3-4 chunks,
+no question on a window boundary) with the key exactly ``d`` chunks before the question's chunk (d = 0 is the
+question's own chunk, read as raw text), scored by teacher-forced exact match of the answer, once with the
+temporary memory (the configured budget) and once without it (budget 0: only the global memory can carry the
+key). A model whose memory carries nothing scores 0 at every d >= 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+
+
+def exact_match(model, builder, collator, distance: int, budget: int | None, samples: int) -> float:
+    from training.recall_data import answer_accuracy
+
+    hits = []
+    for index in range(samples):
+        batch = collator([builder.build(random.Random(f"diagnostic/{index}"), distance, distance)])
+        spans, tail = batch.pop("answer_spans"), int(batch.pop("answer_tail"))
+        extra = {} if budget is None else {"temp_budget": budget}
+        with torch.no_grad():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        logits_to_keep=max(tail, 1), use_cache=False, **extra)
+        hits.append(answer_accuracy(out.logits, batch["input_ids"], spans, tail)[1])
+    return sum(hits) / len(hits)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", help="CoMeT checkpoint folders")
+    parser.add_argument("--distances", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--samples", type=int, default=12)
+    parser.add_argument("--output", help="JSON file to write")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import modeling_comet  # noqa: F401  (registers CoMeT with the Auto classes)
+    from evaluation.common import atomic_write_json
+    from training.lm_data import pydoc_texts
+    from training.recall_data import FillerStream, RecallCollator, RecallSampleBuilder
+
+    results = {}
+    for folder in args.models:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        builder = RecallSampleBuilder(tokenizer, FillerStream.from_texts(pydoc_texts(), tokenizer),
+                                      chunk_size=model.config.chunk_size, task="passkey", num_chunks=(3, 4),
+                                      boundary_fraction=0.0)
+        collator = RecallCollator(pad_token_id=tokenizer.eos_token_id)
+        for distance in args.distances:
+            for budget in (None, 0):
+                score = exact_match(model, builder, collator, distance, budget, args.samples)
+                name = f"{folder} distance={distance} temp_budget={'configured' if budget is None else 0}"
+                results[name] = score
+                print(name, score, flush=True)
+    if args.output:
+        atomic_write_json(args.output, {"samples": args.samples, "results": results})
+    return results
+
+
+if __name__ == "__main__":
+    main()
