@@ -33,25 +33,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-MEMORY_WEIGHTS: str | None = None  # trained-weights file for the memory (set by main); None: random memory
-
-
-def _model(base_path: str, attn: str, dtype: torch.dtype, device: torch.device) -> CometForCausalLM:
+def _model(base_path: str, attn: str, dtype: torch.dtype, device: torch.device, memory: str | None) -> CometForCausalLM:
+    """CoMeT on ``base_path`` with the memory of the weights file ``memory`` (None: randomly drawn memory)."""
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, attn_implementation=attn)
-    if MEMORY_WEIGHTS:  # a trained-weights file (memory + LoRA) or a memory-weights file, on the default memory
+    if memory:  # a trained-weights file (memory + LoRA) or a memory-weights file, on the default memory
         from convert.comet_default import DEFAULT_MEMORY
         from convert.to_comet import load_memory_weights
         from convert.trained_weights import apply_trained_weights, read_metadata
 
         try:
-            fields = read_metadata(MEMORY_WEIGHTS)["memory"]
+            fields = read_metadata(memory)["memory"]
         except ValueError:
             fields = None
         model = CometForCausalLM.from_base(base, dtype=dtype, **(fields or DEFAULT_MEMORY))
         if fields is None:
-            load_memory_weights(model, MEMORY_WEIGHTS)
+            load_memory_weights(model, memory)
         else:
-            apply_trained_weights(model, MEMORY_WEIGHTS)
+            apply_trained_weights(model, memory)
     else:
         # Randomly drawn memory weights (std 0.02): every backend has memory rows to attend to, but such a
         # memory amplifies rounding: on SmolLM2 bf16 and fp32 then agree on only about half the next tokens
@@ -77,9 +75,9 @@ def _text_ids(base_path: str, length: int, device: torch.device) -> torch.Tensor
     return torch.tensor([ids], device=device)
 
 
-def check_backends(base_path: str, device: torch.device, length: int) -> dict:
+def check_backends(base_path: str, device: torch.device, length: int, memory: str | None) -> dict:
     ids = _text_ids(base_path, length, device)
-    reference = _model(base_path, "eager", torch.float32, device)
+    reference = _model(base_path, "eager", torch.float32, device, memory)
     with torch.no_grad():
         ref = reference(ids, use_cache=False).logits.float()
     del reference
@@ -87,7 +85,7 @@ def check_backends(base_path: str, device: torch.device, length: int) -> dict:
     bf16_eager = None
     for attn in BACKENDS:
         try:
-            model = _model(base_path, attn, torch.bfloat16, device)
+            model = _model(base_path, attn, torch.bfloat16, device, memory)
             with torch.no_grad():
                 logits = model(ids, use_cache=False).logits.float()
             bf16_eager = logits if bf16_eager is None else bf16_eager
@@ -124,8 +122,10 @@ def check_short_input(base_path: str, device: torch.device) -> dict:
     }
 
 
-def check_long_read(base_path: str, device: torch.device, lengths: list[int], budget_s: float) -> list[dict]:
-    model = _model(base_path, "sdpa", torch.bfloat16, device)
+def check_long_read(
+    base_path: str, device: torch.device, lengths: list[int], budget_s: float, memory: str | None
+) -> list[dict]:
+    model = _model(base_path, "sdpa", torch.bfloat16, device, memory)
     rows = []
     start_all = time.monotonic()
     for length in lengths:
@@ -161,14 +161,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--read-budget-s", type=float, default=60.0, help="stop adding longer reads after this")
     args = parser.parse_args(argv)
-    global MEMORY_WEIGHTS
     if args.memory_weights == "auto":
         args.memory_weights = "random"
         if args.model == "smollm2":
             from convert.comet_default import MEMORY_WEIGHTS as shipped
 
             args.memory_weights = str(shipped) if Path(shipped).is_file() else "random"
-    MEMORY_WEIGHTS = None if args.memory_weights == "random" else args.memory_weights
+    memory = None if args.memory_weights == "random" else args.memory_weights
     if args.model == "smollm2":
         from convert.smollm2 import smollm2_path
 
@@ -177,10 +176,11 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "torch": torch.__version__, "memory_weights": args.memory_weights}
     checks = {
-        "backends": lambda: check_backends(args.model, device, 600 if args.quick else 4096),
+        "backends": lambda: check_backends(args.model, device, 600 if args.quick else 4096, memory),
         "short_input": lambda: check_short_input(args.model, device),
         "long_read": lambda: check_long_read(
-            args.model, device, [512, 1024] if args.quick else [8192, 32768, 131072, 524288], args.read_budget_s
+            args.model, device, [512, 1024] if args.quick else [8192, 32768, 131072, 524288], args.read_budget_s,
+            memory,
         ),
     }
     for name, run in checks.items():

@@ -6,20 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from tests.test_convert import tiny_tokenizer
+from tests.test_convert import save_tiny_base
 
 
 def test_torchrun_two_processes_trains_and_saves(tmp_path):
-    torch.manual_seed(0)
-    base = tmp_path / "base"
-    LlamaForCausalLM(
-        LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
-    ).save_pretrained(base)
-    tiny_tokenizer(96).save_pretrained(base)
+    base = save_tiny_base(tmp_path / "base")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(" ".join(f"w{3 + (i * 7) % 90}" for i in range(4000)))
     out = tmp_path / "run"

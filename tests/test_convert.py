@@ -18,15 +18,20 @@ def tiny_tokenizer(vocab_size):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1", bos_token="w2")
 
 
+def save_tiny_base(folder, vocab_size=96, hidden_size=64):
+    """A tiny Llama (seed 0) and its word-level tokenizer saved in ``folder``: what `--model_name_or_path` loads."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
+                         max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer(vocab_size).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def base_folder(tmp_path):
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
-    folder = tmp_path / "base"
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tiny_tokenizer(96).save_pretrained(folder)
-    return folder
+    return save_tiny_base(tmp_path / "base")
 
 
 def test_convert_writes_a_loadable_checkpoint_with_card(base_folder, tmp_path):

@@ -152,17 +152,9 @@ def test_recall_filler_reads_a_streamed_dataset_only_as_far_as_needed(tmp_path, 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
     """A tiny Llama and its word-level tokenizer, saved: what `--model_name_or_path` loads."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.test_convert import save_tiny_base
 
-    folder = tmp_path_factory.mktemp("lm_data") / "tiny-llama"
-    torch.manual_seed(0)
-    LlamaForCausalLM(
-        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
-    ).save_pretrained(folder)  # fmt: skip
-    tiny_tokenizer(VOCAB).save_pretrained(folder)
-    return folder
+    return save_tiny_base(tmp_path_factory.mktemp("lm_data") / "tiny-llama", vocab_size=VOCAB, hidden_size=32)
 
 
 def test_trainer_trains_on_a_stream(tiny_base, tmp_path):

@@ -274,17 +274,9 @@ def test_command_line_trains_with_pipeline_parallel(tmp_path):
     import sys
     from pathlib import Path
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.test_convert import save_tiny_base
 
-    from tests.test_convert import tiny_tokenizer
-
-    torch.manual_seed(0)
-    base = tmp_path / "base"
-    LlamaForCausalLM(
-        LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
-    ).save_pretrained(base)
-    tiny_tokenizer(96).save_pretrained(base)
+    base = save_tiny_base(tmp_path / "base")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(" ".join(f"w{3 + (i * 7) % 90}" for i in range(2000)))
     out = tmp_path / "run"

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests_transformers.refused import REFUSED
 
@@ -45,9 +44,4 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xfail(strict=True, reason=f"refused by design: {reason}"))
 
 
-@pytest.fixture(autouse=True, scope="session")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.conftest import single_thread  # noqa: E402, F401  (the same one-thread fixture as the main suite)
