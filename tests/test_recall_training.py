@@ -262,3 +262,52 @@ def test_answer_loss_falls_only_through_the_global_memory():
         mismatched = model(swapped, labels=labels, logits_to_keep=2).loss.item()
     assert trained < 0.5 * math.log(symbols), trained
     assert mismatched > math.log(symbols), mismatched
+
+
+def test_distillation_scores_every_token_after_the_first_chunk_against_the_teacher():
+    """The KL and hidden-state terms cover exactly each row's tokens after its own first chunk (left padding
+    included), equal a direct computation from the two models' outputs, and teach the memory: their gradient
+    reaches the memory parameters, and a few memory-only steps on them alone lower the KL."""
+    from training.comet_trainer import distillation_losses
+
+    C = 8
+    base = tiny_llama()
+    model = CometForCausalLM.from_base(tiny_llama(), chunk_size=C, global_mem_size=2, temp_beacon_stride=-1)
+    ids = torch.randint(3, 32, (2, 3 * C), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1 is left-padded: its first chunk ends at column 3 + C
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    out, kl, cosine = distillation_losses(model, base, inputs, C, hidden=True)
+
+    with torch.no_grad():
+        student = model(ids, attention_mask=mask, output_hidden_states=True)
+        teacher = base(ids, attention_mask=mask, output_hidden_states=True)
+    terms, cosines = [], []
+    for row, start in ((0, C), (1, 3 + C)):
+        p = teacher.logits[row, start:].log_softmax(-1)
+        q = student.logits[row, start:].log_softmax(-1)
+        terms.append((p.exp() * (p - q)).sum(-1))
+        cosines.append(torch.stack([
+            1 - F.cosine_similarity(s[row, start:], t[row, start:], dim=-1)
+            for s, t in zip(student.hidden_states[1:], teacher.hidden_states[1:], strict=True)
+        ]))
+    torch.testing.assert_close(kl, torch.cat(terms).mean(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cosine, torch.cat(cosines, dim=1).mean(), atol=1e-5, rtol=1e-4)
+    assert kl > 0 and cosine > 0
+
+    memory = [p for n, p in model.named_parameters() if "comet_memory" in n]
+    (kl + cosine).backward()
+    assert all(p.grad is not None for p in memory) and any(p.grad.abs().sum() > 0 for p in memory)
+
+    for name, p in model.named_parameters():
+        p.requires_grad_("comet_memory" in name)
+    optimizer = torch.optim.Adam(memory, lr=1e-2)
+    first = float(kl.detach())
+    for _ in range(30):
+        _, kl, _ = distillation_losses(model, base, inputs, C, hidden=False)
+        optimizer.zero_grad()
+        kl.backward()
+        optimizer.step()
+    assert float(kl.detach()) < 0.8 * first, (first, float(kl.detach()))
+    with pytest.raises(ValueError, match="longer than one chunk"):
+        distillation_losses(model, base, {"input_ids": ids[:, :C]}, C, hidden=False)

@@ -102,6 +102,14 @@ class CometTrainingConfig(TrainingArguments):
         max_train_minutes (`float`, *optional*):
             Wall-clock budget of one `train()` call: once spent, the run saves a checkpoint and ends as if
             `max_steps` had been reached (a lent GPU's minutes, a job's time limit). Unset: no budget.
+        distill_weight (`float`, *optional*, defaults to 0.0), distill_hidden_weight (`float`, *optional*, defaults
+        to 0.0), distill_teacher (`str`, *optional*):
+            Context distillation: a frozen full-attention teacher (`distill_teacher`, by default the base model the
+            CoMeT model is built on) reads each training sample whole, and every text token after the first chunk is
+            pulled towards it: `distill_weight` × KL(teacher ‖ student) of the next-token distributions, plus
+            `distill_hidden_weight` × the mean cosine distance of the per-layer hidden states. What the student
+            lacks there is exactly what earlier chunks contributed, so every such token teaches the memory, not only
+            the answer tokens. Samples must fit the teacher's positions. 0: off.
         pipeline_parallel (`int`, *optional*, defaults to 1):
             Layer-wavefront pipeline parallelism (DESIGN §1, `training.pipeline_trainer`): P ranks split each
             sample's chunks into P contiguous blocks and pass every layer's memory from rank to rank. Launch P × D
@@ -150,6 +158,9 @@ class CometTrainingConfig(TrainingArguments):
     recall_rows: int = field(default=100_000, metadata={"help": "rows of the recall dataset"})
     init_trained_weights: str | None = field(default=None, metadata={"help": "trained-weights file to start from"})
     max_train_minutes: float | None = field(default=None, metadata={"help": "stop and save after this many minutes"})
+    distill_weight: float = field(default=0.0, metadata={"help": "weight of KL(teacher || student) after chunk 0"})
+    distill_hidden_weight: float = field(default=0.0, metadata={"help": "weight of the hidden-state cosine distance"})
+    distill_teacher: str | None = field(default=None, metadata={"help": "full-attention teacher (default: the base)"})
     pipeline_parallel: int = field(default=1, metadata={"help": "ranks per layer-wavefront pipeline (P of P x D)"})
 
     def __post_init__(self):
@@ -171,6 +182,11 @@ class CometTrainingConfig(TrainingArguments):
         if self.pipeline_parallel > 1 and (self.deepspeed or self.fsdp):
             raise ValueError("pipeline_parallel > 1 does not combine with DeepSpeed or FSDP: every pipeline rank holds "
                              "the whole model; data parallelism across pipelines is built in")
+        if self.distill_weight < 0 or self.distill_hidden_weight < 0:
+            raise ValueError("distill_weight and distill_hidden_weight must be non-negative")
+        if self.distilling and self.pipeline_parallel > 1:
+            raise ValueError("context distillation (distill_weight, distill_hidden_weight) needs the whole sample on "
+                             "one rank; it does not combine with pipeline_parallel > 1")
         if self.streaming and self.task == "lm" and self.max_steps <= 0:
             raise ValueError(
                 "--streaming reads the corpus as a stream, which has no length, so the number of training steps "
@@ -184,6 +200,10 @@ class CometTrainingConfig(TrainingArguments):
         self.recall_chunk_range  # noqa: B018  (validates)
         self.curriculum_distance_list  # noqa: B018
         self.temp_budget_list  # noqa: B018
+
+    @property
+    def distilling(self) -> bool:
+        return self.distill_weight > 0 or self.distill_hidden_weight > 0
 
     @staticmethod
     def _int_list(name: str, text: str) -> list[int]:

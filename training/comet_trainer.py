@@ -28,6 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from transformers import (
     AutoModelForCausalLM,
@@ -105,6 +106,77 @@ def build_model(config: CometTrainingConfig):
     return model, tokenizer
 
 
+def build_teacher(config: CometTrainingConfig, model):
+    """The frozen full-attention teacher of context distillation (`--distill_weight`, `--distill_hidden_weight`)."""
+    from convert.smollm2 import smollm2_path
+
+    source = config.distill_teacher
+    if source is None:
+        if config.model_name_or_path is not None and getattr(comet_config_of(model), "_name_or_path", None) == str(
+            config.model_name_or_path
+        ) and _is_comet_source(config.model_name_or_path):
+            raise ValueError(
+                f"{config.model_name_or_path} is a saved CoMeT model: name the full-attention teacher of context "
+                "distillation with --distill_teacher (e.g. the base model it was built on)"
+            )
+        source = config.model_name_or_path or str(smollm2_path())
+    teacher = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=config.trust_remote_code, dtype=torch.float32)
+    if getattr(teacher.config, "model_type", None) == "comet":
+        raise ValueError(f"--distill_teacher {source} is a CoMeT model; the teacher must read with full attention")
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def _is_comet_source(source: str) -> bool:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source).model_type == "comet"
+    except (OSError, ValueError):
+        return False
+
+
+def distillation_losses(student, teacher, inputs: dict, chunk_size: int, hidden: bool, keep: int = 1, **student_kwargs):
+    """(student outputs, KL(teacher ‖ student) per token, mean per-layer hidden-state cosine distance) over every
+    text token after a sample's first chunk: the part where the student depends on its memory (its first chunk
+    reads like the base model). Rows may be left-padded (``attention_mask``); each is chunked from its first token.
+
+    The student keeps logits from the first such column (or from the last ``keep`` columns, if that starts
+    earlier) to the end; its loss (``labels`` in ``student_kwargs``) is computed as usual."""
+    input_ids = inputs["input_ids"]
+    B, L = input_ids.shape
+    mask = inputs.get("attention_mask")
+    real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+    position = real.long().cumsum(-1) - 1  # each row's own token index
+    after_first_chunk = real & (position >= chunk_size)
+    if not after_first_chunk.any():
+        raise ValueError(f"distillation needs samples longer than one chunk ({chunk_size} tokens)")
+    first = min(int(after_first_chunk.float().argmax(-1).min()), L - max(keep, 1))
+    max_positions = getattr(teacher.config, "max_position_embeddings", None)
+    if max_positions is not None and int(real.sum(-1).max()) > max_positions:
+        raise ValueError(f"distillation samples of {int(real.sum(-1).max())} tokens exceed the teacher's "
+                         f"{max_positions} positions")
+    columns = torch.arange(first, L, device=input_ids.device)
+    out = student(input_ids=input_ids, attention_mask=mask, logits_to_keep=columns, output_hidden_states=hidden,
+                  **student_kwargs)
+    with torch.no_grad():
+        ref = teacher(input_ids=input_ids, attention_mask=mask, output_hidden_states=hidden, logits_to_keep=L - first)
+    weight = after_first_chunk[:, first:].float()
+    count = weight.sum()
+    log_student = torch.log_softmax(out.logits.float(), dim=-1)
+    log_teacher = torch.log_softmax(ref.logits.float(), dim=-1)
+    kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
+    kl = (kl * weight).sum() / count
+    cosine = torch.zeros((), device=kl.device)
+    if hidden:
+        pairs = list(zip(out.hidden_states[1:], ref.hidden_states[1:], strict=True))
+        for mine, theirs in pairs:
+            similarity = F.cosine_similarity(mine[:, first:L].float(), theirs[:, first:L].float(), dim=-1)
+            cosine = cosine + ((1 - similarity) * weight).sum() / count
+        cosine = cosine / len(pairs)
+    return out, kl, cosine
+
+
 def comet_config_of(model) -> object:
     """The `CometConfig` of a CoMeT model, PEFT-wrapped or not."""
     config = getattr(model, "config", None)
@@ -168,12 +240,26 @@ class CometTrainer(Trainer):
         temp_budget_choices: temporary-memory budgets, one sampled per batch (reproducibly from the step).
     """
 
-    def __init__(self, *args, curriculum: RecallCurriculum | None = None, temp_budget_choices=(), **kwargs):
+    def __init__(
+        self,
+        *args,
+        curriculum: RecallCurriculum | None = None,
+        temp_budget_choices=(),
+        teacher=None,
+        distill_weight: float = 0.0,
+        distill_hidden_weight: float = 0.0,
+        **kwargs,
+    ):
         if curriculum is not None:
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), curriculum]
         super().__init__(*args, **kwargs)
         self.curriculum = curriculum
         self.temp_budget_choices = list(temp_budget_choices)
+        self.teacher = teacher
+        self.distill_weight = distill_weight
+        self.distill_hidden_weight = distill_hidden_weight
+        if teacher is not None:
+            teacher.to(self.args.device)
         # The loss is normalised per batch by CoMeT's forward; let Trainer average over accumulation steps.
         self.model_accepts_loss_kwargs = False
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -209,21 +295,34 @@ class CometTrainer(Trainer):
         if model.training and (budget := self._temp_budget(inputs["input_ids"])) is not None:
             kwargs["temp_budget"] = budget
             self._metrics["temp_budget"].append(budget)
-        outputs = model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs.get("attention_mask"),
-            labels=inputs["labels"],
-            logits_to_keep=max(int(tail), 1),
-            **kwargs,
-        )
+        chunk_size = comet_config_of(model).chunk_size
+        if self.teacher is not None and model.training and inputs["input_ids"].shape[1] > chunk_size:
+            outputs, kl, cosine = distillation_losses(
+                model, self.teacher, inputs, chunk_size, self.distill_hidden_weight > 0, keep=int(tail),
+                labels=inputs["labels"], **kwargs
+            )
+            loss = outputs.loss + self.distill_weight * kl + self.distill_hidden_weight * cosine
+            self._metrics["distill_kl"].append(float(kl.detach()))
+            if self.distill_hidden_weight > 0:
+                self._metrics["distill_hidden"].append(float(cosine.detach()))
+            answer_logits = outputs.logits[:, outputs.logits.shape[1] - max(int(tail), 1) :]
+        else:
+            outputs = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs.get("attention_mask"),
+                labels=inputs["labels"],
+                logits_to_keep=max(int(tail), 1),
+                **kwargs,
+            )
+            loss, answer_logits = outputs.loss, outputs.logits
         if spans and any(spans):
-            token_acc, exact = answer_accuracy(outputs.logits.detach(), inputs["input_ids"], spans, int(tail))
+            token_acc, exact = answer_accuracy(answer_logits.detach(), inputs["input_ids"], spans, int(tail))
             prefix = "" if model.training else "eval_"
             self._metrics[prefix + "answer_token_accuracy"].append(token_acc)
             self._metrics[prefix + "answer_exact"].append(exact)
             if model.training and self.curriculum is not None:
                 self.curriculum.record(exact)
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         is_eval = any(key.startswith("eval_") for key in logs)
@@ -333,6 +432,11 @@ def main(argv: list[str] | None = None) -> dict:
         curriculum=curriculum,
         temp_budget_choices=config.temp_budget_list,
         callbacks=[TimeBudget(config.max_train_minutes)] if config.max_train_minutes else None,
+        **(
+            {"teacher": build_teacher(config, model), "distill_weight": config.distill_weight,
+             "distill_hidden_weight": config.distill_hidden_weight}
+            if config.distilling else {}
+        ),
     )
     # The loss before training is evaluated by `train()` itself, once the model is wrapped for DDP, FSDP or DeepSpeed:
     # `evaluate()` before `train()` makes accelerate mark the bare model as prepared, so that DDP would not wrap it
@@ -367,6 +471,8 @@ __all__ = [
     "CometTrainer",
     "TimeBudget",
     "build_model",
+    "build_teacher",
+    "distillation_losses",
     "build_recall_data",
     "load_texts",
     "main",
