@@ -1,5 +1,6 @@
 """Recall training: the data generators, the curriculum, the loss options, and gradients through the memory."""
 
+import json
 import math
 import random
 from types import SimpleNamespace
@@ -311,3 +312,31 @@ def test_distillation_scores_every_token_after_the_first_chunk_against_the_teach
     assert float(kl.detach()) < 0.8 * first, (first, float(kl.detach()))
     with pytest.raises(ValueError, match="longer than one chunk"):
         distillation_losses(model, base, {"input_ids": ids[:, :C]}, C, hidden=False)
+
+
+def test_trainer_cli_distils_from_the_base_and_needs_a_named_teacher_for_a_saved_comet(tmp_path):
+    """`--distill_weight`/`--distill_hidden_weight` train against the base read whole (both terms logged every
+    step); a saved CoMeT model has no implied full-attention teacher, so one must be named."""
+    from tests.test_convert import save_tiny_base
+    from training import comet_trainer
+
+    base = save_tiny_base(tmp_path / "base")
+    text = tmp_path / "words.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 50 + 3}" for i in range(3000)))
+    common = ["--train_files", str(text), "--chunk_size", "8", "--temp_beacon_stride", "4", "--temp_mem_budget", "4",
+              "--sample_tokens", "32", "--report_to", "none", "--use_cpu", "--logging_steps", "1", "--save_steps", "1000",
+              "--learning_rate", "3e-3", "--memory_lr_multiplier", "3", "--finetuning", "memory", "--eval_samples", "1"]
+    out = tmp_path / "run"
+    comet_trainer.main(["--model_name_or_path", str(base), "--output_dir", str(out), "--max_steps", "25",
+                        "--distill_weight", "1", "--distill_hidden_weight", "1", *common])
+    state = json.loads((out / "trainer_state.json").read_text()) if (out / "trainer_state.json").exists() else None
+    history = state["log_history"] if state else []
+    if not history:  # the final trainer state is written inside the last checkpoint
+        history = json.loads(next(out.glob("checkpoint-*/trainer_state.json")).read_text())["log_history"]
+    kls = [row["distill_kl"] for row in history if "distill_kl" in row]
+    assert len(kls) == 25 and all("distill_hidden" in row for row in history if "distill_kl" in row)
+    assert all(value > 0 for value in kls), kls
+
+    with pytest.raises(ValueError, match="--distill_teacher"):
+        comet_trainer.main(["--model_name_or_path", str(out), "--output_dir", str(tmp_path / "again"), "--max_steps", "1",
+                            "--distill_weight", "1", *common])

@@ -106,15 +106,13 @@ def build_model(config: CometTrainingConfig):
     return model, tokenizer
 
 
-def build_teacher(config: CometTrainingConfig, model):
+def build_teacher(config: CometTrainingConfig):
     """The frozen full-attention teacher of context distillation (`--distill_weight`, `--distill_hidden_weight`)."""
     from convert.smollm2 import smollm2_path
 
     source = config.distill_teacher
     if source is None:
-        if config.model_name_or_path is not None and getattr(comet_config_of(model), "_name_or_path", None) == str(
-            config.model_name_or_path
-        ) and _is_comet_source(config.model_name_or_path):
+        if config.model_name_or_path is not None and _is_comet_source(config.model_name_or_path, config):
             raise ValueError(
                 f"{config.model_name_or_path} is a saved CoMeT model: name the full-attention teacher of context "
                 "distillation with --distill_teacher (e.g. the base model it was built on)"
@@ -127,13 +125,10 @@ def build_teacher(config: CometTrainingConfig, model):
     return teacher.eval()
 
 
-def _is_comet_source(source: str) -> bool:
+def _is_comet_source(source: str, config: CometTrainingConfig) -> bool:
     from transformers import AutoConfig
 
-    try:
-        return AutoConfig.from_pretrained(source).model_type == "comet"
-    except (OSError, ValueError):
-        return False
+    return AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code).model_type == "comet"
 
 
 def distillation_losses(student, teacher, inputs: dict, chunk_size: int, hidden: bool, keep: int = 1, **student_kwargs):
@@ -433,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict:
         temp_budget_choices=config.temp_budget_list,
         callbacks=[TimeBudget(config.max_train_minutes)] if config.max_train_minutes else None,
         **(
-            {"teacher": build_teacher(config, model), "distill_weight": config.distill_weight,
+            {"teacher": build_teacher(config), "distill_weight": config.distill_weight,
              "distill_hidden_weight": config.distill_hidden_weight}
             if config.distilling else {}
         ),
