@@ -55,6 +55,10 @@ class RamTrainingConfig(SFTConfig):
             LoRA rank and scaling.
         lora_target_modules (`str`, *optional*):
             Regular expression of the decoder modules LoRA adapts (full-match on module names).
+        encoder_lora (`bool`, *optional*, defaults to `False`):
+            With `finetuning="lora"`, put LoRA on the encoder layers' attention and MLP projections too instead of
+            training them fully: the trained weights are then LoRA factors plus the alignment (a few MB, not the
+            encoder's copy of the base layers).
         trust_remote_code (`bool`, *optional*, defaults to `False`):
             Allow `model_name_or_path` to run modelling code from its folder or repo. Off by default: a RAM checkpoint
             loads with this package's own classes, and the embedded default needs no remote code.
@@ -85,6 +89,7 @@ class RamTrainingConfig(SFTConfig):
         default=r"decoder\..*\.(q_proj|k_proj|v_proj|o_proj)",
         metadata={"help": "regex (full match) of decoder modules adapted by LoRA"},
     )
+    encoder_lora: bool = field(default=False, metadata={"help": "LoRA on the encoder layers instead of full training"})
     trust_remote_code: bool = field(default=False, metadata={"help": "let model_name_or_path run its own code"})
     contrastive_only: bool = field(default=False, metadata={"help": "skip the decoder, train relevance only"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "RAM batches carry custom columns"})

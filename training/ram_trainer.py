@@ -33,6 +33,7 @@ from trl import SFTTrainer, TrlParser
 from modeling_comet.modeling_ram import RamForCausalLM
 from training.ram_config import RamTrainingConfig
 
+ENCODER_LORA_PROJECTIONS = "(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 RAM_FIELDS = ("encoder_layers", "segment_size", "keep_ratio", "position_layout", "contrastive_temperature",
               "contrastive_weight")
 
@@ -258,13 +259,18 @@ def _unwrap(model) -> RamForCausalLM:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def model_path(config: RamTrainingConfig) -> str:
+    """`config.model_name_or_path`, or the embedded SmolLM2-135M-Instruct's folder when it is None."""
+    if config.model_name_or_path is not None:
+        return config.model_name_or_path
+    from convert.smollm2 import smollm2_path
+
+    return str(smollm2_path())
+
+
 def build_model(config: RamTrainingConfig):
     """The RAM model to train, with the parameters `config.finetuning` asks for trainable."""
-    path = config.model_name_or_path
-    if path is None:
-        from convert.smollm2 import smollm2_path
-
-        path = str(smollm2_path())
+    path = model_path(config)
     ram_fields = {name: getattr(config, name) for name in RAM_FIELDS}
     trust = config.trust_remote_code
     if AutoConfig.from_pretrained(path, trust_remote_code=trust).model_type == "ram":
@@ -285,17 +291,29 @@ def apply_finetuning(model: RamForCausalLM, config: RamTrainingConfig):
         for parameter in model.decoder.parameters():
             parameter.requires_grad_(False)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    new_modules = [f"encoder_layers.{index}" for index in range(len(model.encoder_layers))] + ["alignment"]
-    lora = LoraConfig(
+    return get_peft_model(model, lora_config(model, config))
+
+
+def lora_config(model: RamForCausalLM, config: RamTrainingConfig):
+    """The PEFT `LoraConfig` of `--finetuning lora`: LoRA on `lora_target_modules`, the alignment (and, unless
+    `encoder_lora`, the encoder layers) trained fully through `modules_to_save`."""
+    from peft import LoraConfig
+
+    new_modules = ["alignment"]
+    target_modules = config.lora_target_modules
+    if config.encoder_lora:
+        target_modules = rf"(?:{target_modules})|(?:encoder_layers\.\d+\..*\.{ENCODER_LORA_PROJECTIONS})"
+    else:
+        new_modules = [f"encoder_layers.{index}" for index in range(len(model.encoder_layers))] + new_modules
+    return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
-        target_modules=config.lora_target_modules,
+        target_modules=target_modules,
         modules_to_save=new_modules,
         lora_dropout=0.0,
     )
-    return get_peft_model(model, lora)
 
 
 def parse_config(argv: list[str] | None = None) -> RamTrainingConfig:
@@ -321,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     resume = resolve_resume(config)  # before the model loads: refuse to overwrite an earlier run's checkpoints
     set_seed(config.seed)  # the new encoder/alignment and LoRA weights are drawn here, before Trainer seeds
     model = build_model(config)
-    tokenizer_path = config.model_name_or_path or model.config.name_or_path
+    tokenizer_path = model_path(config)  # a PEFT-wrapped model's config has no name_or_path to fall back on
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=config.trust_remote_code)
     dataset = load_dataset("json", data_files=config.train_file, split="train")
     dataset = dataset.map(
@@ -381,7 +399,9 @@ __all__ = [
     "apply_finetuning",
     "build_model",
     "context_text",
+    "lora_config",
     "main",
+    "model_path",
     "parse_config",
     "prepare_ram_example",
     "prompt_completion_example",
