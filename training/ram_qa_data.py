@@ -2,15 +2,16 @@
 
 Each example's context is `passages` real passages (prose paragraphs, ~40-90 words each) from different source
 documents; one of them, the positive, holds the answer. The question quotes the words leading up to a distinctive
-word of one of its sentences and asks for the next word::
+word of one of its sentences and asks for the next word (the completion)::
 
     Complete the sentence from the text above: "The current code generator emits no code for an assert statement
-    when optimization
+    when                                                                       -> completion: " optimization"
 
 The answer is a word of four letters or more, not a common word, that occurs (case-insensitively, as a substring) in
 the positive passage and nowhere else in the context, its titles or the question: only the positive passage answers
 it, and a model that reads it can copy the answer (what a 135M model can learn). Test examples come from source
-documents that no training example uses (the split is by document), and the whole set is a function of the seed.
+documents that no training example uses (the split is by document; documents sharing a sentence, which pydoc has,
+stay on the same side), and the whole set is a function of the seed.
 The question is read with the template `QUESTION_TEMPLATE` (no "Answer:"): the answer continues the quote, which the
 base SmolLM2-135M-Instruct already does when it reads the whole context (an "Answer:" line it does not).
 
