@@ -287,12 +287,14 @@ def test_command_line_trains_with_pipeline_parallel(tmp_path):
         "--chunk_size", "16", "--global_mem_size", "4", "--temp_beacon_stride", "4", "--temp_mem_budget", "8",
         "--sample_tokens", "64", "--max_steps", "3", "--per_device_train_batch_size", "2", "--use_cpu",
         "--report_to", "none", "--save_strategy", "no", "--eval_samples", "2", "--learning_rate", "1e-3",
-        "--logging_steps", "1", "--ddp_timeout", "60",
+        "--logging_steps", "1", "--ddp_timeout", "60", "--log_level", "info",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = [line for line in result.stdout.splitlines() if line.startswith("{'eval_loss_before'")]
     assert summary and "eval_loss_after" in summary[0], result.stdout[-2000:]
+    # One pipeline of two ranks reads one batch of 2 samples per step: 2, not 2 per rank.
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 2\n" in result.stdout + result.stderr
     assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"]
     assert (out / "adapter_model.safetensors").is_file()

@@ -162,6 +162,10 @@ class PipelineTrainer(CometTrainer):
                 self.curriculum.record(exact)
         return (out.loss, out) if return_outputs else out.loss
 
+    def get_total_train_batch_size(self, args) -> int:
+        # The P ranks of a pipeline read one batch between them: only the D pipeline groups add samples.
+        return super().get_total_train_batch_size(args) // self.groups.pipeline_parallel
+
     def _track_num_input_tokens(self, inputs):
         # Trainer sums the tokens of every rank; the P ranks of a pipeline read the same batch, so count it once.
         before = self.state.num_input_tokens_seen
