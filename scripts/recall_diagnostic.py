@@ -4,7 +4,7 @@
 
 For each checkpoint folder, passkey samples built like the recall training data (real prose filler, 3-4 chunks,
 no question on a window boundary) with the key exactly ``d`` chunks before the question's chunk (d = 0 is the
-question's own chunk, read as raw text), scored by teacher-forced exact match of the answer, once with the
+question's own chunk, read as raw text), scored by teacher-forced exact match of the answer (and the share of its digits predicted right), once with the
 temporary memory (the configured budget) and once without it (budget 0: only the global memory can carry the
 key). A model whose memory carries nothing scores 0 at every d >= 1.
 """
@@ -17,10 +17,12 @@ import random
 import torch
 
 
-def exact_match(model, builder, collator, distance: int, budget: int | None, samples: int) -> float:
+def exact_match(model, builder, collator, distance: int, budget: int | None, samples: int) -> dict[str, float]:
+    """Teacher-forced exact match of the answers, and the share of the answers' digit tokens predicted right
+    (chance: 0.1), which shows a memory that carries part of a key before it carries all of it."""
     from training.recall_data import answer_accuracy
 
-    hits = []
+    hits, digits_right, digits = [], 0, 0
     for index in range(samples):
         batch = collator([builder.build(random.Random(f"diagnostic/{index}"), distance, distance)])
         spans, tail = batch.pop("answer_spans"), int(batch.pop("answer_tail"))
@@ -29,7 +31,15 @@ def exact_match(model, builder, collator, distance: int, budget: int | None, sam
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         logits_to_keep=max(tail, 1), use_cache=False, **extra)
         hits.append(answer_accuracy(out.logits, batch["input_ids"], spans, tail)[1])
-    return sum(hits) / len(hits)
+        ids, width = batch["input_ids"], batch["input_ids"].shape[1]
+        predicted = out.logits.argmax(-1)
+        for b, row in enumerate(spans):
+            for start, end in row:
+                for column in range(start, end):
+                    if builder.tokenizer.decode(ids[b, column]).strip().isdigit():
+                        digits += 1
+                        digits_right += int(predicted[b, column - 1 - (width - tail)] == ids[b, column])
+    return {"exact": sum(hits) / len(hits), "digit_accuracy": digits_right / digits if digits else 0.0}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,0 +1,120 @@
+"""Trial of a different *write* path for the global memory: attention pooling of the chunk's own token states.
+
+    OMP_NUM_THREADS=1 python -m scripts.pooled_write_trial train --config training/recipes/smollm2_distill.yaml \\
+        --output_dir ~/.cache/comet/runs/smollm2-pooled
+    OMP_NUM_THREADS=1 python -m scripts.pooled_write_trial diagnose FOLDER CHECKPOINT [--samples 12]
+
+`scripts.memory_oracle` shows that SmolLM2 reads a key from its global memory slots without any training when the
+slots hold the base model's own hidden states of the key's tokens (the input of each layer): the read path works,
+and what the memory fails to learn is the write path. The model as designed writes the memory from the readout
+tokens' *outputs* (DESIGN §1), which a pretrained model does not produce in the form its layers read. This trial
+writes each layer's global-memory candidate instead as ``G`` attention-pooled mixtures of the layer's input states
+of the chunk's text (one learned query per slot and layer over the RMS-normalised states), then the usual norm,
+gate and adapter. It patches `CometModel` in this process only (whole-chunk path; the cached generation path is
+not patched, so the diagnostic scores without a cache): it is an experiment, not a model option.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+from torch import nn
+
+
+def patch() -> None:
+    from modeling_comet import modeling_comet as mc
+
+    if getattr(mc.CometModel, "_pooled_write", False):
+        return
+    original_init = mc.CometLayerMemory.__init__
+
+    def init(self, config):
+        original_init(self, config)
+        d = config.base_config.hidden_size
+        generator = torch.Generator().manual_seed(len(config.base_config.model_type) + d)
+        self.pool_query = nn.Parameter(0.1 * torch.randn(config.global_mem_size, d, generator=generator))
+        self.pool_norm = mc.CometRMSNorm(d, eps=config.base_config.rms_norm_eps)
+
+    def chunk_layer_step(self, layer, hidden, chunk, state, fold, n_text):
+        mask, position_embeddings, position_ids = chunk[:3]
+        P = self.config.memory_slots
+        hidden = torch.cat([state.slots(layer).to(hidden.dtype), hidden[:, P:]], dim=1)
+        text_in = hidden[:, P : P + n_text]
+        out = self._run_layer(layer, hidden, mask, position_embeddings, position_ids)
+        new_memory = None
+        if fold:
+            mem = self.comet_memory.layers[layer]
+            keys = mem.pool_norm(text_in).float()
+            scores = torch.einsum("bnd,gd->bgn", keys, mem.pool_query.float()) / math.sqrt(keys.shape[-1])
+            pooled = scores.softmax(-1) @ text_in.float()  # (B, G, d)
+            start, nb = P + n_text, self.config.beacons_per_chunk
+            beacon_out = out[:, start : start + nb] if nb else None
+            new_memory = self._fold_into_memory(layer, state, beacon_out, pooled.to(out.dtype))
+        return out, new_memory
+
+    def no_cache(self, *args, **kwargs):
+        raise NotImplementedError("the pooled-write trial patches the whole-chunk path only: pass use_cache=False")
+
+    mc.CometLayerMemory.__init__ = init
+    mc.CometModel._chunk_layer_step = chunk_layer_step
+    mc.CometModel._cache_step = no_cache
+    mc.CometModel._pooled_write = True
+
+
+def diagnose(folder: str, checkpoint: str, samples: int) -> dict:
+    """Recall diagnostic (scripts.recall_diagnostic) of a base-built CoMeT folder with a trial checkpoint's adapter
+    (LoRA merged, memory and pooling queries loaded)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from scripts.recall_diagnostic import exact_match
+    from training.lm_data import pydoc_texts
+    from training.recall_data import FillerStream, RecallCollator, RecallSampleBuilder
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, checkpoint).merge_and_unload().eval()
+    builder = RecallSampleBuilder(tokenizer, FillerStream.from_texts(pydoc_texts(), tokenizer),
+                                  chunk_size=model.config.chunk_size, task="passkey", num_chunks=(3, 4),
+                                  boundary_fraction=0.0)
+    collator = RecallCollator(pad_token_id=tokenizer.eos_token_id)
+    results = {}
+    for distance in (0, 1, 2):
+        for budget in (None, 0):
+            score = exact_match(model, builder, collator, distance, budget, samples)
+            results[f"distance={distance} temp_budget={'configured' if budget is None else 0}"] = score
+            print(distance, budget, score, flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    patch()
+    if args and args[0] == "train":
+        from training.comet_trainer import main as train
+
+        train(args[1:])
+    elif args and args[0] == "diagnose":
+        import argparse
+        import json
+
+        parser = argparse.ArgumentParser()
+        parser.add_argument("folder")
+        parser.add_argument("checkpoint")
+        parser.add_argument("--samples", type=int, default=12)
+        parser.add_argument("--output")
+        ns = parser.parse_args(args[1:])
+        results = diagnose(ns.folder, ns.checkpoint, ns.samples)
+        if ns.output:
+            from evaluation.common import atomic_write_json
+
+            atomic_write_json(ns.output, {"samples": ns.samples, "checkpoint": ns.checkpoint, "results": results})
+        print(json.dumps(results))
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
