@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python -m scripts.pooled_write_trial train --config training/recipes/smollm2_distill.yaml \\
         --output_dir ~/.cache/comet/runs/smollm2-pooled
     OMP_NUM_THREADS=1 python -m scripts.pooled_write_trial diagnose FOLDER CHECKPOINT [--samples 12]
+    (either with --write window: one soft choice of G consecutive tokens instead of G independent poolings)
 
 `scripts.memory_oracle` shows that SmolLM2 reads a key from its global memory slots without any training when the
 slots hold the base model's own hidden states of the key's tokens (the input of each layer): the read path works,
@@ -22,8 +23,11 @@ import sys
 import torch
 from torch import nn
 
+WRITE = {"mode": "pool"}
 
-def patch() -> None:
+
+def patch(mode: str = "pool") -> None:
+    WRITE["mode"] = mode
     from modeling_comet import modeling_comet as mc
 
     if getattr(mc.CometModel, "_pooled_write", False):
@@ -47,8 +51,16 @@ def patch() -> None:
         if fold:
             mem = self.comet_memory.layers[layer]
             keys = mem.pool_norm(text_in).float()
-            scores = torch.einsum("bnd,gd->bgn", keys, mem.pool_query.float()) / math.sqrt(keys.shape[-1])
-            pooled = scores.softmax(-1) @ text_in.float()  # (B, G, d)
+            G = mem.pool_query.shape[0]
+            if WRITE["mode"] == "window" and n_text >= G:
+                # One soft choice of G consecutive tokens, scored by the window's last token: slot j holds
+                # the j-th token of the chosen window, so the slots keep the text's order and positions.
+                scores = keys[:, G - 1 :] @ mem.pool_query[0].float() / math.sqrt(keys.shape[-1])  # (B, n-G+1)
+                windows = text_in.float().unfold(1, G, 1)  # (B, n-G+1, d, G)
+                pooled = torch.einsum("bw,bwdg->bgd", scores.softmax(-1), windows)
+            else:
+                scores = torch.einsum("bnd,gd->bgn", keys, mem.pool_query.float()) / math.sqrt(keys.shape[-1])
+                pooled = scores.softmax(-1) @ text_in.float()  # (B, G, d)
             start, nb = P + n_text, self.config.beacons_per_chunk
             beacon_out = out[:, start : start + nb] if nb else None
             new_memory = self._fold_into_memory(layer, state, beacon_out, pooled.to(out.dtype))
@@ -91,7 +103,12 @@ def diagnose(folder: str, checkpoint: str, samples: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    patch()
+    mode = "pool"
+    if "--write" in args:  # pool (G independent attention poolings) or window (one soft window of G tokens)
+        at = args.index("--write")
+        mode = args[at + 1]
+        del args[at : at + 2]
+    patch(mode)
     if args and args[0] == "train":
         from training.comet_trainer import main as train
 
