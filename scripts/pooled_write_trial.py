@@ -58,6 +58,8 @@ def patch(mode: str = "pool") -> None:
                 scores = keys[:, G - 1 :] @ mem.pool_query[0].float() / math.sqrt(keys.shape[-1])  # (B, n-G+1)
                 windows = text_in.float().unfold(1, G, 1)  # (B, n-G+1, d, G)
                 pooled = torch.einsum("bw,bwdg->bgd", scores.softmax(-1), windows)
+                if self.training:
+                    self._trial_scores.append(scores)
             else:
                 scores = torch.einsum("bnd,gd->bgn", keys, mem.pool_query.float()) / math.sqrt(keys.shape[-1])
                 pooled = scores.softmax(-1) @ text_in.float()  # (B, G, d)
@@ -70,23 +72,73 @@ def patch(mode: str = "pool") -> None:
         raise NotImplementedError("the pooled-write trial patches the whole-chunk path only: pass use_cache=False")
 
     mc.CometLayerMemory.__init__ = init
+    mc.CometModel._trial_scores = []
     mc.CometModel._chunk_layer_step = chunk_layer_step
     mc.CometModel._cache_step = no_cache
     mc.CometModel._pooled_write = True
+
+
+def supervise_selection(weight: float) -> None:
+    """Window mode: add ``weight`` × the cross-entropy of every layer's window choice, in the chunk that holds the
+    sample's key, against the window that ends with the key's last digit (the oracle write of
+    `scripts.memory_oracle`): the place of the needle, known when the sample is built, supervises where the memory
+    looks, as RAM's contrastive term supervises which segments it keeps. One-sample batches without padding."""
+    import torch.nn.functional as F
+
+    from modeling_comet import modeling_comet as mc
+    from scripts.memory_oracle import key_window
+    from training import comet_trainer
+
+    original = comet_trainer.CometTrainer.compute_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        spans = inputs.get("answer_spans")
+        ids = inputs["input_ids"]
+        mc.CometModel._trial_scores = scores = []
+        result = original(self, model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        config = comet_trainer.comet_config_of(model)
+        C, G, layers = config.chunk_size, config.global_mem_size, config.base_config.num_hidden_layers
+        if model.training and spans and spans[0] and ids.shape[0] == 1 and scores:
+            start, end = spans[0][0]
+            row = ids[0].tolist()
+            digits = [t for t in row[start:end] if t in set(row[:start])]
+            try:
+                last = key_window(row[:start], digits, 1)[-1] if digits else None
+            except ValueError:
+                last = None
+            if last is not None and last // C < len(scores) // layers and last % C >= G - 1:
+                chunk, target = last // C, last % C - (G - 1)
+                picked = scores[chunk * layers : (chunk + 1) * layers]
+                logits = torch.cat([s.float() for s in picked])  # (layers, windows)
+                select = F.cross_entropy(logits, torch.full((layers,), target, device=logits.device))
+                loss = loss + weight * select
+                self._metrics["select_ce"].append(float(select.detach()))
+                self._metrics["select_acc"].append(float((logits.argmax(-1) == target).float().mean()))
+        mc.CometModel._trial_scores = []
+        return (loss, result[1]) if return_outputs else loss
+
+    comet_trainer.CometTrainer.compute_loss = compute_loss
 
 
 def diagnose(folder: str, checkpoint: str, samples: int) -> dict:
     """Recall diagnostic (scripts.recall_diagnostic) of a base-built CoMeT folder with a trial checkpoint's adapter
     (LoRA merged, memory and pooling queries loaded)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from convert.smollm2 import smollm2_path
+    from modeling_comet import CometForCausalLM
     from scripts.recall_diagnostic import exact_match
     from training.lm_data import pydoc_texts
     from training.recall_data import FillerStream, RecallCollator, RecallSampleBuilder
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    fields = AutoConfig.from_pretrained(folder)  # the memory settings the trial trained with
+    base = AutoModelForCausalLM.from_pretrained(str(smollm2_path()), dtype=torch.float32)
+    model = CometForCausalLM.from_base(base, chunk_size=fields.chunk_size, global_mem_size=fields.global_mem_size,
+                                       temp_beacon_stride=fields.temp_beacon_stride,
+                                       temp_mem_budget=fields.temp_mem_budget)
     model = PeftModel.from_pretrained(model, checkpoint).merge_and_unload().eval()
     builder = RecallSampleBuilder(tokenizer, FillerStream.from_texts(pydoc_texts(), tokenizer),
                                   chunk_size=model.config.chunk_size, task="passkey", num_chunks=(3, 4),
@@ -109,6 +161,10 @@ def main(argv: list[str] | None = None) -> None:
         mode = args[at + 1]
         del args[at : at + 2]
     patch(mode)
+    if "--select_weight" in args:  # window mode: supervise where each layer's window looks (see supervise_selection)
+        at = args.index("--select_weight")
+        supervise_selection(float(args[at + 1]))
+        del args[at : at + 2]
     if args and args[0] == "train":
         from training.comet_trainer import main as train
 
