@@ -244,13 +244,14 @@ def plot(results: dict, path: Path) -> None:
             label = method if layout == "-" else f"{method}, {layout}"
             axis.bar(positions, heights, width, label=label)
     for row in results["rows"]:
-        if row["method"] == "full prompt":
-            axis.axhline(row["accuracy"], color="black", linestyle="--", label="full prompt")
+        if row["method"] in ("full prompt", "question only"):
+            style = "--" if row["method"] == "full prompt" else ":"
+            axis.axhline(row["accuracy"], color="black", linestyle=style, label=row["method"])
     axis.set_xticks(range(len(COMPRESSIONS)), [name for name, _ in COMPRESSIONS])
     axis.set_ylim(0, 1.05)
     axis.set_ylabel("accuracy")
     axis.set_title(f"SmolLM2-135M-Instruct, {results['test_examples']} held-out pydoc questions")
-    axis.legend(fontsize=7, loc="upper right")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     atomic_save_figure(figure, path)
 
 
