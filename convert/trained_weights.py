@@ -24,7 +24,10 @@ FORMAT = "comet-trained-weights/1"
 MEMORY = "comet_memory."
 _PEFT_PREFIX = re.compile(r"^base_model\.model\.")
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.(?:[^.]+\.)?weight$")
-_MEMORY_FIELDS = ("chunk_size", "global_mem_size", "temp_beacon_stride", "temp_mem_budget", "adapter_rank", "position_layout")
+_MEMORY_FIELDS = (
+    "chunk_size", "global_mem_size", "temp_beacon_stride", "temp_mem_budget", "adapter_rank", "position_layout",
+    "global_write",
+)
 
 
 def _canonical(name: str) -> str | None:

@@ -12,6 +12,8 @@ from transformers.configuration_utils import SubConfigSpec
 
 from .position_layout import POSITION_LAYOUTS
 
+GLOBAL_WRITES = ("readout", "window")
+
 # Decoder-only bases whose decoder layers share the Llama calling convention
 # (hidden_states, attention_mask, position_ids, position_embeddings, cache) and whose
 # backbone exposes embed_tokens / layers / norm / rotary_emb.
@@ -57,6 +59,13 @@ class CometConfig(PreTrainedConfig):
             Position ids of beacons and readouts: `"default"` appends them after the chunk's text with
             consecutive ids; `"epl"` puts each at the centre of the text it summarises (Enhanced Position
             Layout). Text tokens always take consecutive ids after the memory slots.
+        global_write (`str`, *optional*, defaults to `"readout"`):
+            How each layer writes its global-memory candidate after a chunk. `"readout"`: the layer's outputs at the
+            `global_mem_size` readout tokens (DESIGN §1, the paper's design). `"window"`: the layer's *input* states of
+            `global_mem_size` consecutive text tokens of the chunk, one soft choice of window per layer (a learned
+            query scores each window by its last token, softmax over windows): the slots then hold token states in
+            their own order, the form a pretrained decoder's layers already read (the candidate then takes the usual
+            norm, gate and adapter). Needs `chunk_size >= global_mem_size`.
         gate_bias_init (`float`, *optional*, defaults to 0.0):
             Initial bias of the global-memory gate (0 gives an even mix of old state and new readouts).
         special_init_std (`float`, *optional*, defaults to 0.02):
@@ -84,6 +93,7 @@ class CometConfig(PreTrainedConfig):
     temp_mem_budget: int = 64
     adapter_rank: int = 8
     position_layout: str = "default"
+    global_write: str = "readout"
     gate_bias_init: float = 0.0
     special_init_std: float = 0.02
     layer_major: bool = False
@@ -139,6 +149,11 @@ class CometConfig(PreTrainedConfig):
             errors.append(f"adapter_rank must be a positive integer, got {self.adapter_rank!r}")
         if self.position_layout not in POSITION_LAYOUTS:
             errors.append(f"position_layout must be one of {POSITION_LAYOUTS}, got {self.position_layout!r}")
+        if self.global_write not in GLOBAL_WRITES:
+            errors.append(f"global_write must be one of {GLOBAL_WRITES}, got {self.global_write!r}")
+        elif self.global_write == "window" and isinstance(self.chunk_size, int) and self.chunk_size < self.global_mem_size:
+            errors.append(f"global_write='window' needs chunk_size ({self.chunk_size}) >= global_mem_size "
+                          f"({self.global_mem_size}): the window is global_mem_size tokens of one chunk")
         if errors:
             raise ValueError("Invalid CoMeT configuration: " + "; ".join(errors))
 
@@ -183,4 +198,4 @@ for _name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "num_ke
 del _name
 
 
-__all__ = ["CometConfig", "SUPPORTED_BASE_MODEL_TYPES", "check_supported_base"]
+__all__ = ["GLOBAL_WRITES", "CometConfig", "SUPPORTED_BASE_MODEL_TYPES", "check_supported_base"]

@@ -92,6 +92,26 @@ class CometLayerMemory(nn.Module):
         if config.use_temp_memory:
             self.temp_norm = CometRMSNorm(d, eps=base.rms_norm_eps)
             self.temp_adapter = CometLowRankAdapter(d, config.adapter_rank)
+        if config.global_write == "window":
+            self.select_norm = CometRMSNorm(d, eps=base.rms_norm_eps)
+            self.select_query = nn.Parameter(torch.zeros(d))
+
+    def select_window(self, states: torch.Tensor, valid: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``global_write="window"``: a soft choice of ``size`` consecutive token states of a chunk.
+
+        states: (B, n, d), the layer's input states of the chunk's text; valid: (B, n) bool. Window w is tokens
+        w .. w+size-1, scored by its last token against the learned query (windows with an invalid token are
+        excluded). Returns the (B, size, d) mixture of windows, slot j holding token j of the windows, and the
+        (B, n-size+1) window scores.
+        """
+        n = states.shape[1]
+        scores = self.select_norm(states[:, size - 1 :]).float() @ self.select_query.float()  # (B, n-size+1)
+        whole = valid.long().unfold(1, size, 1).sum(-1) == size  # (B, n-size+1): every token of the window is real
+        none = ~whole.any(1, keepdim=True)  # no complete window (padding only): fall back to the last one
+        whole = whole | (none & (torch.arange(n - size + 1, device=states.device) == n - size))
+        weights = scores.masked_fill(~whole, float("-inf")).softmax(-1)
+        windows = states.float().unfold(1, size, 1)  # (B, n-size+1, d, size)
+        return torch.einsum("bw,bwdg->bgd", weights, windows).to(states.dtype), scores
 
     def update_global(
         self, readouts: torch.Tensor, previous_state: torch.Tensor, has_previous: torch.Tensor
@@ -301,6 +321,8 @@ class CometCache(Cache):
         self.window_fill: torch.Tensor | None = None  # (B,) text tokens in the live window
         self.token_hash: torch.Tensor | None = None  # (B,) hash of the input columns read; -1 if read as embeddings
         self.slots_pending: torch.Tensor | None = None  # (B,) window opened, memory slots' keys/values not written yet
+        # global_write="window": per layer, the layer's input states of the live window's text (B, chunk_size + 1, d)
+        self.text_states: list[torch.Tensor] = []
         self.seen_tokens = 0  # input columns consumed, padding included (what generate slices by)
         self.model_fingerprint: str | None = None  # hash of the configuration of the model that built it
         self._write_index: torch.Tensor | None = None
@@ -353,6 +375,10 @@ class CometCache(Cache):
         self.window_fill = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.token_hash = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.slots_pending = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.text_states = []
+        if config.global_write == "window":
+            text_shape = (batch_size, config.chunk_size + 1, base.hidden_size)  # the last row: a write sink
+            self.text_states = [torch.zeros(text_shape, dtype=dtype, device=device) for _ in range(base.num_hidden_layers)]
         self.seen_tokens = 0
         self.model_fingerprint = config_fingerprint(config)
 
@@ -408,6 +434,7 @@ class CometCache(Cache):
             named.update({f"{field}.{i}": t for i, t in enumerate(getattr(self.memory, field))})
         named.update({f"keys.{i}": t for i, t in enumerate(self.keys)})
         named.update({f"values.{i}": t for i, t in enumerate(self.values)})
+        named.update({f"text_states.{i}": t for i, t in enumerate(self.text_states)})
         return named
 
     @classmethod
@@ -426,6 +453,7 @@ class CometCache(Cache):
             temp_valid=named["temp_valid"],
         )
         cache.keys, cache.values = stack("keys"), stack("values")
+        cache.text_states = stack("text_states") if "text_states.0" in named else []
         cache.key_valid, cache.window_fill, cache.token_hash = named["key_valid"], named["window_fill"], named["token_hash"]
         cache.slots_pending = named["slots_pending"]
         cache.seen_tokens, cache.model_fingerprint = seen_tokens, model_fingerprint
@@ -495,6 +523,8 @@ def config_fingerprint(config: CometConfig) -> str:
     """A short hash of what a CometCache depends on: the memory fields and the base architecture."""
     base = config.base_config
     fields = {name: getattr(config, name) for name in CometConfig.MEMORY_FIELDS}
+    if config.global_write != "readout":  # (left out for the default, so earlier saved states keep their hash)
+        fields["global_write"] = config.global_write
     for name in (
         "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta", "rope_parameters",
@@ -662,6 +692,9 @@ class CometPreTrainedModel(PreTrainedModel):
         elif isinstance(module, CometLayerMemory):
             init.normal_(module.gate.weight, mean=0.0, std=std)
             init.constant_(module.gate.bias, self.config.gate_bias_init)
+            if getattr(module, "select_query", None) is not None:
+                # Unscaled window logits: a norm-0.1·sqrt(d) query starts with window preferences of a few units.
+                init.normal_(module.select_query, mean=0.0, std=0.1)
         elif isinstance(module, CometMemory):
             init.normal_(module.readout_embedding, mean=0.0, std=self.config.special_init_std)
             if module.beacon_embedding is not None:
@@ -688,6 +721,8 @@ class CometModel(CometPreTrainedModel):
         self.comet_memory = CometMemory(config)
         self.gradient_checkpointing = False
         self._layouts: dict = {}
+        self.record_window_scores = False  # global_write="window": keep each fold's window scores (training)
+        self.window_scores: list[torch.Tensor] = []
         self.post_init()
         # The base's own decoder-layer class, not the class-level list of every supported one: FSDP's auto-wrap
         # and `device_map` look each name up in the model and refuse one it does not contain.
@@ -797,21 +832,35 @@ class CometModel(CometPreTrainedModel):
         position_ids = torch.cat(positions, dim=1)
         hidden = torch.cat(parts, dim=1)
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
-        return hidden, self._attention_mask(allowed, embeds.dtype), position_embeddings, position_ids, index
+        mask = self._attention_mask(allowed, embeds.dtype)
+        return hidden, mask, position_embeddings, position_ids, index, valid
 
     def _chunk_layer_step(self, layer, hidden, chunk, state, fold, n_text):
         """Run one decoder layer on one chunk: inject memory, run, read the next memory if folding."""
         mask, position_embeddings, position_ids = chunk[:3]
         P = self.config.memory_slots
         hidden = torch.cat([state.slots(layer).to(hidden.dtype), hidden[:, P:]], dim=1)
-        hidden = self._run_layer(layer, hidden, mask, position_embeddings, position_ids)
+        text_in = hidden[:, P : P + n_text]
+        out = self._run_layer(layer, hidden, mask, position_embeddings, position_ids)
         new_memory = None
         if fold:
             start = P + n_text
             nb = self.config.beacons_per_chunk
-            beacon_out = hidden[:, start : start + nb] if nb else None
-            new_memory = self._fold_into_memory(layer, state, beacon_out, hidden[:, start + nb :])
-        return hidden, new_memory
+            beacon_out = out[:, start : start + nb] if nb else None
+            candidate = out[:, start + nb :]
+            if self.config.global_write == "window":
+                candidate = self._select_window(layer, text_in, chunk[4])
+            new_memory = self._fold_into_memory(layer, state, beacon_out, candidate)
+        return out, new_memory
+
+    def _select_window(self, layer: int, text_states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The global-memory candidate of ``global_write="window"`` (see `CometLayerMemory.select_window`); each
+        layer's window scores are kept in ``self.window_scores`` while ``self.record_window_scores`` is True (to
+        supervise the choice in training)."""
+        window, scores = self.comet_memory.layers[layer].select_window(text_states, valid, self.config.global_mem_size)
+        if self.record_window_scores:
+            self.window_scores.append(scores)
+        return window
 
     @staticmethod
     def _advance(state: CometMemoryState, new_memories, validity) -> CometMemoryState:
@@ -928,9 +977,13 @@ class CometModel(CometPreTrainedModel):
         cache._write_index = query_index
         outputs = []
         try:
+            text_slot = query_index - layout.text_start  # where a text query sits in the window's text
+            is_text = (text_slot >= 0) & (text_slot < self.config.chunk_size)
             for layer in range(self.config.base_config.num_hidden_layers):
                 if slot_rows:
                     hidden = torch.cat([cache.memory.slots(layer).to(hidden.dtype), hidden[:, slot_rows:]], dim=1)
+                if cache.text_states and bool(is_text.any()):  # global_write="window" chooses among these at the fold
+                    _scatter_rows(cache.text_states[layer], text_slot.clamp(min=0), is_text, hidden)
                 hidden = self._run_layer(layer, hidden, mask, position_embeddings, position_ids, cache=cache)
                 if on_layer is not None:
                     on_layer(layer, hidden=hidden, key_index=keys)
@@ -966,8 +1019,12 @@ class CometModel(CometPreTrainedModel):
         state = cache.memory
         nb = self.config.beacons_per_chunk
         new_memories = []
+        full = torch.ones(B, self.config.chunk_size, dtype=torch.bool, device=samples.device)  # a folded window is full
         for layer, out in enumerate(outputs):
-            g_state, g_memory, temp = self._fold_into_memory(layer, state, out[:, :nb] if nb else None, out[:, nb:])
+            candidate = out[:, nb:]
+            if self.config.global_write == "window":
+                candidate = self._select_window(layer, cache.text_states[layer][:, : self.config.chunk_size], full)
+            g_state, g_memory, temp = self._fold_into_memory(layer, state, out[:, :nb] if nb else None, candidate)
             keep = samples[:, None, None]
             new_memories.append(
                 (

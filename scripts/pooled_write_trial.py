@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 WRITE = {"mode": "pool"}
+DISTANCES = [0, 1, 2]
 
 
 def patch(mode: str = "pool") -> None:
@@ -123,6 +124,36 @@ def supervise_selection(weight: float) -> None:
     comet_trainer.CometTrainer.compute_loss = compute_loss
 
 
+def export(checkpoint: str, output: str, fields: dict) -> None:
+    """A window-mode trial checkpoint as a `convert.trained_weights` file for a model built with
+    ``global_write="window"`` (``pool_norm`` → ``select_norm``, ``pool_query[0]`` → ``select_query``)."""
+    import json
+    from pathlib import Path
+
+    from peft import PeftConfig
+    from safetensors.torch import load_file, save_file
+
+    from convert.trained_weights import FORMAT, MEMORY
+
+    adapter = load_file(str(Path(checkpoint) / "adapter_model.safetensors"))
+    peft = PeftConfig.from_pretrained(checkpoint)
+    tensors = {}
+    for key, value in adapter.items():
+        key = key.removeprefix("base_model.model.")
+        if ".comet_memory." in key or key.startswith("model.comet_memory."):
+            name = MEMORY + key.split("comet_memory.", 1)[1]
+            if name.endswith(".pool_query"):
+                name, value = name.replace(".pool_query", ".select_query"), value[0]
+            tensors[name.replace(".pool_norm.", ".select_norm.")] = value.contiguous()
+        elif ".lora_" in key:
+            tensors[key.replace(".default.weight", ".weight")] = value.contiguous()
+    metadata = {"format": FORMAT, "lora": json.dumps({"r": peft.r, "alpha": peft.lora_alpha}),
+                "memory": json.dumps({**fields, "global_write": "window"})}
+    tmp = Path(output).with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(output)
+
+
 def diagnose(folder: str, checkpoint: str, samples: int) -> dict:
     """Recall diagnostic (scripts.recall_diagnostic) of a base-built CoMeT folder with a trial checkpoint's adapter
     (LoRA merged, memory and pooling queries loaded)."""
@@ -147,7 +178,7 @@ def diagnose(folder: str, checkpoint: str, samples: int) -> dict:
                                   boundary_fraction=0.0)
     collator = RecallCollator(pad_token_id=tokenizer.eos_token_id)
     results = {}
-    for distance in (0, 1, 2):
+    for distance in DISTANCES:
         for budget in (None, 0):
             score = exact_match(model, builder, collator, distance, budget, samples)
             results[f"distance={distance} temp_budget={'configured' if budget is None else 0}"] = score
@@ -171,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         from training.comet_trainer import main as train
 
         train(args[1:])
+    elif args and args[0] == "export":  # export CHECKPOINT OUTPUT (memory fields of training/recipes/smollm2_distill.yaml)
+        export(args[1], args[2], {"chunk_size": 64, "global_mem_size": 8, "temp_beacon_stride": 16,
+                                  "temp_mem_budget": 16, "adapter_rank": 8, "position_layout": "default"})
     elif args and args[0] == "diagnose":
         import argparse
         import json
@@ -179,8 +213,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("folder")
         parser.add_argument("checkpoint")
         parser.add_argument("--samples", type=int, default=12)
+        parser.add_argument("--distances", type=int, nargs="+", default=[0, 1, 2])
         parser.add_argument("--output")
         ns = parser.parse_args(args[1:])
+        DISTANCES[:] = ns.distances
         results = diagnose(ns.folder, ns.checkpoint, ns.samples)
         if ns.output:
             from evaluation.common import atomic_write_json

@@ -88,10 +88,11 @@ def test_input_shorter_than_a_chunk_gives_base_logits(arch, attn):
         assert (model(long_ids).logits[:, 16:] - base(long_ids).logits[:, 16:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("write", ["readout", "window"])
 @pytest.mark.parametrize("layout", ["default", "epl"])
 @pytest.mark.parametrize("stride", [4, -1])
-def test_chunk_major_layer_major_and_cache_paths_agree(layout, stride):
-    model = tiny_comet(position_layout=layout, temp_beacon_stride=stride)
+def test_chunk_major_layer_major_and_cache_paths_agree(layout, stride, write):
+    model = tiny_comet(position_layout=layout, temp_beacon_stride=stride, global_write=write)
     ids = random_ids(2, 75)
     with torch.no_grad():
         chunk_major = model(ids, layer_major=False).logits
@@ -101,8 +102,9 @@ def test_chunk_major_layer_major_and_cache_paths_agree(layout, stride):
     torch.testing.assert_close(cached, chunk_major, atol=1e-5, rtol=0)
 
 
-def test_reading_in_pieces_equals_reading_at_once():
-    model = tiny_comet()
+@pytest.mark.parametrize("write", ["readout", "window"])
+def test_reading_in_pieces_equals_reading_at_once(write):
+    model = tiny_comet(global_write=write)
     ids = random_ids(1, 90)
     cache = CometCache()
     with torch.no_grad():
@@ -180,8 +182,9 @@ def test_activation_checkpointing_gives_same_gradients():
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=0)
 
 
-def test_generate_equals_greedy_reference_loop():
-    model = tiny_comet()
+@pytest.mark.parametrize("write", ["readout", "window"])
+def test_generate_equals_greedy_reference_loop(write):
+    model = tiny_comet(global_write=write)
     ids = random_ids(1, 37)  # generation crosses two window folds
     out = model.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
     seq = ids
@@ -191,8 +194,9 @@ def test_generate_equals_greedy_reference_loop():
     assert torch.equal(out, seq)
 
 
-def test_left_padded_batch_generation_equals_one_by_one():
-    model = tiny_comet()
+@pytest.mark.parametrize("write", ["readout", "window"])
+def test_left_padded_batch_generation_equals_one_by_one(write):
+    model = tiny_comet(global_write=write)
     prompts = [random_ids(n, seed=n) for n in (37, 10, 50)]
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -205,8 +209,9 @@ def test_left_padded_batch_generation_equals_one_by_one():
         assert torch.equal(batch[i, width:], single[0, len(p) :])
 
 
-def test_beam_search_with_cache_equals_without():
-    model = tiny_comet()
+@pytest.mark.parametrize("write", ["readout", "window"])
+def test_beam_search_with_cache_equals_without(write):
+    model = tiny_comet(global_write=write)
     ids = random_ids(2, 30)
     kwargs = dict(max_new_tokens=12, min_new_tokens=12, num_beams=3, do_sample=False)
     with_cache = model.generate(ids, **kwargs)

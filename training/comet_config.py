@@ -26,6 +26,14 @@ class CometTrainingConfig(TrainingArguments):
         chunk_size (`int`, *optional*, defaults to 256), global_mem_size (`int`, *optional*, defaults to 8),
         temp_beacon_stride (`int`, *optional*, defaults to 16), temp_mem_budget (`int`, *optional*, defaults to 64):
             Memory fields of a new CoMeT model (ignored when loading a saved one).
+        global_write (`str`, *optional*, defaults to `"readout"`):
+            How a new model writes its global memory (`CometConfig.global_write`): `"readout"` (the paper's design) or
+            `"window"` (a soft choice of `global_mem_size` consecutive token states per chunk and layer).
+        window_select_weight (`float`, *optional*, defaults to 0.0):
+            `global_write="window"` with recall tasks: adds this weight × the cross-entropy of every layer's window
+            choice, in the chunk that holds each asked fact, against the window that ends with the fact's answer
+            (the place of a planted fact is known when the sample is built; RAM's contrastive term supervises which
+            segments to keep the same way). The trainer logs `window_select_ce` and `window_select_accuracy`.
         train_files (`str`, *optional*):
             Comma-separated local files to train on: plain text (one document per file), or `.json`/`.jsonl`,
             `.csv`, `.parquet`, `.arrow` (one document per row, column `text_field`). Without it (and without
@@ -122,6 +130,8 @@ class CometTrainingConfig(TrainingArguments):
     global_mem_size: int = field(default=8, metadata={"help": "global memory slots (new models)"})
     temp_beacon_stride: int = field(default=16, metadata={"help": "a beacon every N tokens, -1 disables (new models)"})
     temp_mem_budget: int = field(default=64, metadata={"help": "temporary memory entries kept (new models)"})
+    global_write: str = field(default="readout", metadata={"help": "readout or window (new models)"})
+    window_select_weight: float = field(default=0.0, metadata={"help": "supervision of the window choice"})
     train_files: str | None = field(default=None, metadata={"help": "comma-separated local text files"})
     dataset_name: str | None = field(default=None, metadata={"help": "a datasets source (name or path)"})
     dataset_config: str | None = field(default=None, metadata={"help": "configuration name of dataset_name"})
@@ -182,6 +192,14 @@ class CometTrainingConfig(TrainingArguments):
         if self.pipeline_parallel > 1 and (self.deepspeed or self.fsdp):
             raise ValueError("pipeline_parallel > 1 does not combine with DeepSpeed or FSDP: every pipeline rank holds "
                              "the whole model; data parallelism across pipelines is built in")
+        if self.window_select_weight < 0:
+            raise ValueError(f"window_select_weight must be non-negative, got {self.window_select_weight}")
+        if self.window_select_weight and self.task == "lm":
+            raise ValueError("window_select_weight needs a recall task (--task passkey|associative|mixed): "
+                             "plain language modelling has no planted facts to look for")
+        if self.window_select_weight and self.pipeline_parallel > 1:
+            raise ValueError("window_select_weight is not supported with pipeline_parallel > 1 (each rank sees only "
+                             "its own chunks' window choices)")
         if self.distill_weight < 0 or self.distill_hidden_weight < 0:
             raise ValueError("distill_weight and distill_hidden_weight must be non-negative")
         if self.distilling and self.pipeline_parallel > 1:

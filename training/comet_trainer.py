@@ -83,7 +83,11 @@ def build_model(config: CometTrainingConfig):
             global_mem_size=config.global_mem_size,
             temp_beacon_stride=config.temp_beacon_stride,
             temp_mem_budget=config.temp_mem_budget,
+            global_write=config.global_write,
         )
+    if config.window_select_weight and model.config.global_write != "window":
+        raise ValueError("window_select_weight supervises the window choice of a model with global_write='window'; "
+                         f"this model writes with {model.config.global_write!r}")
     if config.init_trained_weights:
         from convert.trained_weights import apply_trained_weights
 
@@ -172,6 +176,39 @@ def distillation_losses(student, teacher, inputs: dict, chunk_size: int, hidden:
     return out, kl, cosine
 
 
+def window_targets(input_ids: torch.Tensor, attention_mask, spans, chunk_size: int, size: int) -> list[tuple]:
+    """(row, chunk, window) targets of the window choice (`global_write="window"`): for each answer of each row, the
+    window of ``size`` tokens that ends with the answer's last token where the answer first occurs before the
+    question, in the row's own chunk numbering (rows are left-padded; each is chunked from its first real token).
+    Answers found nowhere earlier, or too close to their chunk's start for a whole window, give no target.
+
+    >>> window_targets(torch.tensor([[0, 7, 8, 9, 5, 6, 7, 8, 9, 4, 7, 8, 9]]), None, [[(10, 13)]], 4, 2)
+    [(0, 0, 2)]
+    >>> window_targets(torch.tensor([[0, 0, 5, 7, 8, 9, 7, 8, 9]]), torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1]]),
+    ...                [[(6, 9)]], 2, 2)
+    [(0, 1, 0)]
+    """
+    targets = []
+    for row, row_spans in enumerate(spans):
+        ids = input_ids[row].tolist()
+        pad = 0 if attention_mask is None else int((attention_mask[row] == 0).sum())
+        for start, end in row_spans:
+            answer = ids[start:end]
+            for at in range(pad, start - len(answer) + 1):
+                if ids[at : at + len(answer)] == answer:
+                    chunk, offset = divmod(at + len(answer) - 1 - pad, chunk_size)
+                    if offset >= size - 1:
+                        targets.append((row, chunk, offset - (size - 1)))
+                    break
+    return targets
+
+
+def _comet_backbone(model):
+    """The `CometModel` inside a CoMeT model, PEFT-wrapped or not."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model
+
+
 def comet_config_of(model) -> object:
     """The `CometConfig` of a CoMeT model, PEFT-wrapped or not."""
     config = getattr(model, "config", None)
@@ -243,6 +280,7 @@ class CometTrainer(Trainer):
         teacher=None,
         distill_weight: float = 0.0,
         distill_hidden_weight: float = 0.0,
+        window_select_weight: float = 0.0,
         **kwargs,
     ):
         if curriculum is not None:
@@ -253,6 +291,7 @@ class CometTrainer(Trainer):
         self.teacher = teacher
         self.distill_weight = distill_weight
         self.distill_hidden_weight = distill_hidden_weight
+        self.window_select_weight = window_select_weight
         if teacher is not None:
             teacher.to(self.args.device)
         # The loss is normalised per batch by CoMeT's forward; let Trainer average over accumulation steps.
@@ -290,7 +329,12 @@ class CometTrainer(Trainer):
         if model.training and (budget := self._temp_budget(inputs["input_ids"])) is not None:
             kwargs["temp_budget"] = budget
             self._metrics["temp_budget"].append(budget)
-        chunk_size = comet_config_of(model).chunk_size
+        config = comet_config_of(model)
+        chunk_size = config.chunk_size
+        backbone = None
+        if self.window_select_weight and model.training and spans and any(spans):
+            backbone = _comet_backbone(model)
+            backbone.record_window_scores, backbone.window_scores = True, []
         if self.teacher is not None and model.training and inputs["input_ids"].shape[1] > chunk_size:
             outputs, kl, cosine = distillation_losses(
                 model, self.teacher, inputs, chunk_size, self.distill_hidden_weight > 0, keep=int(tail),
@@ -310,6 +354,9 @@ class CometTrainer(Trainer):
                 **kwargs,
             )
             loss, answer_logits = outputs.loss, outputs.logits
+        if backbone is not None:
+            scores, backbone.record_window_scores, backbone.window_scores = backbone.window_scores, False, []
+            loss = loss + self.window_select_weight * self._window_select_loss(scores, inputs, spans, config)
         if spans and any(spans):
             token_acc, exact = answer_accuracy(answer_logits.detach(), inputs["input_ids"], spans, int(tail))
             prefix = "" if model.training else "eval_"
@@ -318,6 +365,27 @@ class CometTrainer(Trainer):
             if model.training and self.curriculum is not None:
                 self.curriculum.record(exact)
         return (loss, outputs) if return_outputs else loss
+
+    def _window_select_loss(self, scores: list[torch.Tensor], inputs, spans, config) -> torch.Tensor:
+        """Cross-entropy of every layer's window choice against `window_targets` (0 when there is none)."""
+        layers = config.base_config.num_hidden_layers
+        folds = len(scores) // layers
+        targets = [t for t in window_targets(inputs["input_ids"], inputs.get("attention_mask"), spans,
+                                             config.chunk_size, config.global_mem_size) if t[1] < folds]
+        if not targets:
+            return scores[0].new_zeros(()) if scores else torch.zeros(())
+        logits, labels = [], []
+        for row, chunk, window in targets:
+            for layer in range(layers):
+                index = layer * folds + chunk if config.layer_major else chunk * layers + layer
+                logits.append(scores[index][row].float())
+                labels.append(window)
+        logits = torch.stack(logits)
+        labels = torch.tensor(labels, device=logits.device)
+        select = F.cross_entropy(logits, labels)
+        self._metrics["window_select_ce"].append(float(select.detach()))
+        self._metrics["window_select_accuracy"].append(float((logits.argmax(-1) == labels).float().mean()))
+        return select
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         is_eval = any(key.startswith("eval_") for key in logs)
@@ -432,6 +500,7 @@ def main(argv: list[str] | None = None) -> dict:
              "distill_hidden_weight": config.distill_hidden_weight}
             if config.distilling else {}
         ),
+        window_select_weight=config.window_select_weight,
     )
     # The loss before training is evaluated by `train()` itself, once the model is wrapped for DDP, FSDP or DeepSpeed:
     # `evaluate()` before `train()` makes accelerate mark the bare model as prepared, so that DDP would not wrap it
@@ -468,6 +537,7 @@ __all__ = [
     "build_model",
     "build_teacher",
     "distillation_losses",
+    "window_targets",
     "build_recall_data",
     "load_texts",
     "main",
