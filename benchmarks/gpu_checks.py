@@ -37,7 +37,7 @@ def _model(base_path: str, attn: str, dtype: torch.dtype, device: torch.device, 
     """CoMeT on ``base_path`` with the memory of the weights file ``memory`` (None: randomly drawn memory)."""
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, attn_implementation=attn)
     if memory:  # a trained-weights file (memory + LoRA) or a memory-weights file, on the default memory
-        from convert.comet_default import DEFAULT_MEMORY
+        from convert.comet_default import LM_MEMORY
         from convert.to_comet import load_memory_weights
         from convert.trained_weights import apply_trained_weights, read_metadata
 
@@ -45,7 +45,7 @@ def _model(base_path: str, attn: str, dtype: torch.dtype, device: torch.device, 
             fields = read_metadata(memory)["memory"]
         except ValueError:
             fields = None
-        model = CometForCausalLM.from_base(base, dtype=dtype, **(fields or DEFAULT_MEMORY))
+        model = CometForCausalLM.from_base(base, dtype=dtype, **(fields or LM_MEMORY))
         if fields is None:
             load_memory_weights(model, memory)
         else:

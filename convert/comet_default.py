@@ -1,9 +1,10 @@
-"""The embedded default CoMeT model: SmolLM2-135M-Instruct with the memory configuration of our first runs.
+"""The embedded default CoMeT model: SmolLM2-135M-Instruct with the shipped trained memory.
 
     python -m convert.comet_default        # prints the folder, building it on first use
 
-Memory: chunk 256, 8 global slots, a beacon every 16 tokens, temporary budget 64 (four chunks).
-The repository ships trained weights, which are applied in this order of preference:
+Its memory settings are those of the weights it ships (`DEFAULT_MEMORY`): with the recall weights, 64-token chunks,
+8 global slots written as a window of token states (`global_write="window"`), a beacon every 16 tokens and a
+temporary budget of 16 (one chunk). The repository ships trained weights, applied in this order of preference:
 
 * ``checkpoints/smollm2-comet-recall.safetensors``: memory plus LoRA factors from recall training
   (`training/recipes/smollm2_recall.yaml`, exported with `training.export_weights`), described by
@@ -24,11 +25,25 @@ from pathlib import Path
 from .atomic import atomic_file
 from .smollm2 import cache_root, smollm2_path
 
-DEFAULT_MEMORY = dict(chunk_size=256, global_mem_size=8, temp_beacon_stride=16, temp_mem_budget=64)
+# The memory settings `MEMORY_WEIGHTS` (the language-modelling fine-tune) were trained with.
+LM_MEMORY = dict(chunk_size=256, global_mem_size=8, temp_beacon_stride=16, temp_mem_budget=64)
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 RECALL_WEIGHTS = CHECKPOINTS / "smollm2-comet-recall.safetensors"
 RECALL_INFO = CHECKPOINTS / "smollm2-comet-recall.json"
 MEMORY_WEIGHTS = CHECKPOINTS / "smollm2-comet-memory.safetensors"
+
+
+def _shipped_memory() -> dict:
+    """The default's memory settings: those the shipped recall weights were trained with (their metadata), else
+    those of the language-modelling memory weights."""
+    if RECALL_WEIGHTS.is_file():
+        from .trained_weights import read_metadata
+
+        return dict(read_metadata(RECALL_WEIGHTS)["memory"])
+    return dict(LM_MEMORY)
+
+
+DEFAULT_MEMORY = _shipped_memory()
 STAMP = "comet_default.json"
 TRAINED_NOTE = (
     "Only the memory parameters were fine-tuned (base frozen), for 60 steps (10 CPU minutes) with the "
@@ -70,7 +85,7 @@ def comet_default_path(force: bool = False) -> Path:
 
     if fingerprint["recall_weights_sha256"] is not None:
         kwargs = dict(trained_weights=RECALL_WEIGHTS, training_note=recall_note())
-    elif fingerprint["memory_weights_sha256"] is not None:
+    elif fingerprint["memory_weights_sha256"] is not None:  # (then DEFAULT_MEMORY is LM_MEMORY)
         kwargs = dict(memory_weights=MEMORY_WEIGHTS, training_note=TRAINED_NOTE)
     else:
         kwargs = {}
