@@ -204,13 +204,15 @@ def window_targets(input_ids: torch.Tensor, attention_mask, spans, chunk_size: i
 
 
 def _comet_backbone(model):
-    """The `CometModel` inside a CoMeT model, PEFT-wrapped or not."""
+    """The `CometModel` inside a CoMeT model, PEFT- or DistributedDataParallel-wrapped or not."""
+    model = getattr(model, "module", model)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.model
 
 
 def comet_config_of(model) -> object:
-    """The `CometConfig` of a CoMeT model, PEFT-wrapped or not."""
+    """The `CometConfig` of a CoMeT model, PEFT- or DistributedDataParallel-wrapped or not."""
+    model = getattr(model, "module", model)  # DDP keeps the model as `.module`
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) != "comet":
         config = model.get_base_model().config
