@@ -27,10 +27,9 @@ import torch
 
 def key_window(ids: list[int], answer: list[int], size: int) -> list[int]:
     """Columns of the ``size`` tokens that end with the first occurrence of ``answer``'s digits in ``ids``."""
-    digits = answer
-    for start in range(len(ids) - len(digits) + 1):
-        if ids[start : start + len(digits)] == digits:
-            end = start + len(digits)
+    for start in range(len(ids) - len(answer) + 1):
+        if ids[start : start + len(answer)] == answer:
+            end = start + len(answer)
             return list(range(max(end - size, 0), end))
     raise ValueError("the key does not occur in the sample")
 

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 WRITE = {"mode": "pool"}
-DISTANCES = [0, 1, 2]
 
 
 def patch(mode: str = "pool") -> None:
@@ -154,17 +153,15 @@ def export(checkpoint: str, output: str, fields: dict) -> None:
     tmp.replace(output)
 
 
-def diagnose(folder: str, checkpoint: str, samples: int) -> dict:
-    """Recall diagnostic (scripts.recall_diagnostic) of a base-built CoMeT folder with a trial checkpoint's adapter
-    (LoRA merged, memory and pooling queries loaded)."""
+def diagnose(folder: str, checkpoint: str, samples: int, distances) -> dict:
+    """Recall diagnostic (`scripts.recall_diagnostic.diagnose_model`) of a base-built CoMeT folder with a trial
+    checkpoint's adapter (LoRA merged, memory and pooling queries loaded)."""
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from convert.smollm2 import smollm2_path
     from modeling_comet import CometForCausalLM
-    from scripts.recall_diagnostic import exact_match
-    from training.lm_data import pydoc_texts
-    from training.recall_data import FillerStream, RecallCollator, RecallSampleBuilder
+    from scripts.recall_diagnostic import diagnose_model
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     fields = AutoConfig.from_pretrained(folder)  # the memory settings the trial trained with
@@ -173,17 +170,7 @@ def diagnose(folder: str, checkpoint: str, samples: int) -> dict:
                                        temp_beacon_stride=fields.temp_beacon_stride,
                                        temp_mem_budget=fields.temp_mem_budget)
     model = PeftModel.from_pretrained(model, checkpoint).merge_and_unload().eval()
-    builder = RecallSampleBuilder(tokenizer, FillerStream.from_texts(pydoc_texts(), tokenizer),
-                                  chunk_size=model.config.chunk_size, task="passkey", num_chunks=(3, 4),
-                                  boundary_fraction=0.0)
-    collator = RecallCollator(pad_token_id=tokenizer.eos_token_id)
-    results = {}
-    for distance in DISTANCES:
-        for budget in (None, 0):
-            score = exact_match(model, builder, collator, distance, budget, samples)
-            results[f"distance={distance} temp_budget={'configured' if budget is None else 0}"] = score
-            print(distance, budget, score, flush=True)
-    return results
+    return diagnose_model(model, tokenizer, distances, samples)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -216,8 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--distances", type=int, nargs="+", default=[0, 1, 2])
         parser.add_argument("--output")
         ns = parser.parse_args(args[1:])
-        DISTANCES[:] = ns.distances
-        results = diagnose(ns.folder, ns.checkpoint, ns.samples)
+        results = diagnose(ns.folder, ns.checkpoint, ns.samples, ns.distances)
         if ns.output:
             from evaluation.common import atomic_write_json
 

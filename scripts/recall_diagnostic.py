@@ -42,6 +42,25 @@ def exact_match(model, builder, collator, distance: int, budget: int | None, sam
     return {"exact": sum(hits) / len(hits), "digit_accuracy": digits_right / digits if digits else 0.0}
 
 
+def diagnose_model(model, tokenizer, distances, samples: int, prefix: str = "") -> dict[str, dict[str, float]]:
+    """Scores of one loaded CoMeT model (see the module doc) per distance, with and without the temporary memory,
+    keyed ``"{prefix}distance={d} temp_budget=configured|0"``."""
+    from training.lm_data import pydoc_texts
+    from training.recall_data import FillerStream, RecallCollator, RecallSampleBuilder
+
+    builder = RecallSampleBuilder(tokenizer, FillerStream.from_texts(pydoc_texts(), tokenizer),
+                                  chunk_size=model.config.chunk_size, task="passkey", num_chunks=(3, 4),
+                                  boundary_fraction=0.0)
+    collator = RecallCollator(pad_token_id=tokenizer.eos_token_id)
+    results = {}
+    for distance in distances:
+        for budget in (None, 0):
+            name = f"{prefix}distance={distance} temp_budget={'configured' if budget is None else 0}"
+            results[name] = exact_match(model, builder, collator, distance, budget, samples)
+            print(name, results[name], flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", help="CoMeT checkpoint folders")
@@ -54,23 +73,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     import modeling_comet  # noqa: F401  (registers CoMeT with the Auto classes)
     from evaluation.common import atomic_write_json
-    from training.lm_data import pydoc_texts
-    from training.recall_data import FillerStream, RecallCollator, RecallSampleBuilder
 
     results = {}
     for folder in args.models:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        builder = RecallSampleBuilder(tokenizer, FillerStream.from_texts(pydoc_texts(), tokenizer),
-                                      chunk_size=model.config.chunk_size, task="passkey", num_chunks=(3, 4),
-                                      boundary_fraction=0.0)
-        collator = RecallCollator(pad_token_id=tokenizer.eos_token_id)
-        for distance in args.distances:
-            for budget in (None, 0):
-                score = exact_match(model, builder, collator, distance, budget, args.samples)
-                name = f"{folder} distance={distance} temp_budget={'configured' if budget is None else 0}"
-                results[name] = score
-                print(name, score, flush=True)
+        results.update(diagnose_model(model, tokenizer, args.distances, args.samples, prefix=f"{folder} "))
     if args.output:
         atomic_write_json(args.output, {"samples": args.samples, "results": results})
     return results
