@@ -108,11 +108,13 @@ def read_metadata(path: str | Path) -> dict:
 
 
 @torch.no_grad()
-def apply_trained_weights(model: torch.nn.Module, path: str | Path) -> dict:
+def apply_trained_weights(model: torch.nn.Module, path: str | Path, merge_lora: bool = True) -> dict:
     """Load the memory and merge the LoRA factors of ``path`` into a plain CoMeT model; all or nothing.
 
     Fails, before changing anything, if the file's memory settings differ from the model's, if a memory
     parameter is missing or extra, or if a LoRA factor names no linear layer of the model. Returns the metadata.
+    ``merge_lora=False`` loads the memory only (after the same checks), for a run that continues training the
+    factors in a LoRA adapter of the same rank (`load_lora_factors`).
     """
     from safetensors.torch import load_file
 
@@ -149,10 +151,53 @@ def apply_trained_weights(model: torch.nn.Module, path: str | Path) -> dict:
                 raise ValueError(f"{module_name}: LoRA shapes {tuple(b.shape)}·{tuple(a.shape)} do not fit {tuple(weight.shape)}")
             deltas[module_name] = scale * (b @ a)
     model.load_state_dict(memory, strict=False)
+    if not merge_lora:
+        return metadata
     for module_name, delta in deltas.items():
         weight = modules[module_name].weight
         weight.copy_((weight.float() + delta).to(weight.dtype))
     return metadata
 
 
-__all__ = ["FORMAT", "apply_trained_weights", "read_metadata", "remap_memory_keys", "save_trained_weights"]
+@torch.no_grad()
+def load_lora_factors(peft_model: torch.nn.Module, path: str | Path) -> int:
+    """Copy the LoRA factors of ``path`` into the matching adapter of a PEFT-wrapped CoMeT model, so that training
+    continues from them (the memory is loaded by ``apply_trained_weights(..., merge_lora=False)``).
+
+    The adapter must have the file's rank and alpha and cover every module the file names. Returns the number of
+    factors copied.
+    """
+    from safetensors.torch import load_file
+
+    metadata = read_metadata(path)
+    config = peft_model.peft_config["default"]
+    if "lora" not in metadata:
+        raise ValueError(f"{path} holds no LoRA factors")
+    if (metadata["lora"]["r"], metadata["lora"]["alpha"]) != (config.r, config.lora_alpha):
+        raise ValueError(
+            f"{path} has LoRA r={metadata['lora']['r']}, alpha={metadata['lora']['alpha']}; the adapter has "
+            f"r={config.r}, alpha={config.lora_alpha}"
+        )
+    params = dict(peft_model.named_parameters())
+    targets = {}
+    for key, value in load_file(str(path)).items():
+        match = _LORA.match(key)
+        if match is None:
+            continue
+        name = f"base_model.model.{match['module']}.lora_{match['factor']}.default.weight"
+        if name not in params or params[name].shape != value.shape:
+            raise KeyError(f"{path}: the adapter has no LoRA factor {name} of shape {tuple(value.shape)}")
+        targets[name] = value
+    for name, value in targets.items():
+        params[name].copy_(value.to(params[name].dtype))
+    return len(targets)
+
+
+__all__ = [
+    "FORMAT",
+    "apply_trained_weights",
+    "load_lora_factors",
+    "read_metadata",
+    "remap_memory_keys",
+    "save_trained_weights",
+]

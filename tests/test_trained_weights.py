@@ -5,7 +5,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from convert.trained_weights import apply_trained_weights, read_metadata, remap_memory_keys, save_trained_weights
+from convert.trained_weights import (
+    apply_trained_weights,
+    load_lora_factors,
+    read_metadata,
+    remap_memory_keys,
+    save_trained_weights,
+)
 from modeling_comet import CometForCausalLM
 
 MEMORY = dict(chunk_size=8, global_mem_size=2, temp_beacon_stride=4, temp_mem_budget=4)
@@ -63,3 +69,30 @@ def test_memory_keys_of_the_old_layout_map_to_the_backbone():
     new = remap_memory_keys(old, model)
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in new
     assert any(k.endswith("model.comet_memory.layers.0.gate.bias") and "base_model.model.model." in k for k in new)
+
+
+def test_continuing_lora_starts_from_the_files_factors_and_exports_the_whole_change(tmp_path):
+    """init_trained_weights with LoRA of the same rank: memory loaded, factors copied into the new adapter (not
+    merged), so the continued model equals the trained one and its export carries everything."""
+    peft_model = trained_peft()
+    ids = torch.randint(3, 64, (1, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, use_cache=False).logits
+    path = save_trained_weights(peft_model, tmp_path / "trained.safetensors")
+    model = fresh()
+    apply_trained_weights(model, path, merge_lora=False)
+    base_q = model.model.layers[0].self_attn.q_proj.weight.clone()
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["comet_memory"])
+    continued = get_peft_model(model, lora)
+    assert load_lora_factors(continued, path) == 8  # 2 layers x (q, v) x (A, B)
+    assert torch.equal(continued.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, base_q)
+    with torch.no_grad():
+        torch.testing.assert_close(continued.eval()(input_ids=ids, use_cache=False).logits, expected)
+    again = save_trained_weights(continued, tmp_path / "again.safetensors")
+    rebuilt = fresh()
+    apply_trained_weights(rebuilt, again)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids, use_cache=False).logits, expected, atol=1e-5, rtol=1e-5)
+    other_rank = get_peft_model(fresh(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="r=4"):
+        load_lora_factors(other_rank, path)

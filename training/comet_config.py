@@ -105,8 +105,10 @@ class CometTrainingConfig(TrainingArguments):
             Rows of the (lazily built) recall dataset; one epoch is this many samples.
         init_trained_weights (`str`, *optional*):
             A trained-weights file (`convert.trained_weights`, e.g. `checkpoints/smollm2-comet-recall.safetensors`)
-            to start from: its memory is loaded and its LoRA factors merged into the base before training, so a
-            run can continue from shipped weights when its checkpoints (and optimizer state) are gone.
+            to start from: its memory is loaded, and its LoRA factors initialise the adapter when the run trains
+            LoRA of the same rank and alpha (so an export holds the whole change from the base) or are merged into
+            the base otherwise. A run can so continue from shipped weights when its checkpoints (and optimizer
+            state) are gone.
         max_train_minutes (`float`, *optional*):
             Wall-clock budget of one `train()` call: once spent, the run saves a checkpoint and ends as if
             `max_steps` had been reached (a lent GPU's minutes, a job's time limit). Unset: no budget.

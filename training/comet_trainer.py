@@ -88,10 +88,14 @@ def build_model(config: CometTrainingConfig):
     if config.window_select_weight and model.config.global_write != "window":
         raise ValueError("window_select_weight supervises the window choice of a model with global_write='window'; "
                          f"this model writes with {model.config.global_write!r}")
+    continue_lora = False
     if config.init_trained_weights:
-        from convert.trained_weights import apply_trained_weights
+        from convert.trained_weights import apply_trained_weights, read_metadata
 
-        apply_trained_weights(model, config.init_trained_weights)
+        # LoRA factors of the same rank continue training in the new adapter; otherwise they are merged.
+        lora = read_metadata(config.init_trained_weights).get("lora")
+        continue_lora = config.finetuning == "lora" and lora == {"r": config.lora_r, "alpha": config.lora_alpha}
+        apply_trained_weights(model, config.init_trained_weights, merge_lora=not continue_lora)
     if config.finetuning == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -103,6 +107,10 @@ def build_model(config: CometTrainingConfig):
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
+        if continue_lora:
+            from convert.trained_weights import load_lora_factors
+
+            load_lora_factors(model, config.init_trained_weights)
     elif config.finetuning == "memory":
         for name, param in model.named_parameters():
             param.requires_grad = MEMORY_PREFIX in name

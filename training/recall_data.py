@@ -101,9 +101,10 @@ class RecallSampleBuilder:
         num_chunks: (min, max) length of a sample in chunks; a sample is always longer than the farthest fact.
         key_digits: digits per key.
         num_keys, num_queries: facts planted and facts asked in associative samples.
-        boundary_fraction: share of samples whose question ends exactly on a chunk boundary, so that the answer
-            is generated in a fresh window that sees the question only through memory (what happens at inference
-            when a prompt's length is a multiple of `chunk_size`).
+        boundary_fraction: share of samples whose first answer crosses a chunk boundary: the window folds after
+            0 .. len(answer) - 1 of its tokens (uniformly), so that the rest is generated in a fresh window that
+            sees the question only through memory. This is what happens at inference whenever a prompt ends within
+            a few tokens of a multiple of `chunk_size` (e.g. a 8,000-token prompt with 64-token chunks).
         lm_fraction: share of plain language-modelling samples (no facts, every token labelled).
         lm_loss_weight: total weight of the language-modelling loss on a recall sample's text, relative to 1 for
             its answers (0 labels the answers only).
@@ -154,8 +155,8 @@ class RecallSampleBuilder:
         """One sample; the asked facts lie ``min_distance .. max_distance`` chunks before the question's chunk.
 
         Layout: ``prefix | prose with the facts planted | question answer [question answer ...]``. The first
-        question ends in the last chunk of a ``num_chunks``-chunk prompt (exactly on its end for a
-        ``boundary_fraction`` of samples); every asked fact is planted ``d`` chunks before that chunk.
+        question ends in the last chunk of a ``num_chunks``-chunk prompt (for a ``boundary_fraction`` of samples
+        so close to its end that the first answer crosses into the next chunk); every asked fact is planted ``d`` chunks before that chunk.
         """
         if self.lm_fraction and rng.random() < self.lm_fraction:
             return self.lm_sample(rng)
@@ -167,7 +168,9 @@ class RecallSampleBuilder:
         prefix = self._prefix(rng)
         first_question = questions[0][0]
         if rng.random() < self.boundary_fraction:
-            prompt_end = num_chunks * C  # the answer starts a fresh window
+            # The window folds after `fold_after` answer tokens; the rest of the answer starts a fresh window.
+            fold_after = rng.randrange(min(len(questions[0][1]), C))
+            prompt_end = num_chunks * C - fold_after
         else:
             # Leave room in the question's chunk for the question and the facts asked at distance 0.
             room = min(len(first_question) + sum(len(f) for f in facts[: len(questions)]) + 1, C - 1)
