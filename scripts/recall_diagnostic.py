@@ -7,6 +7,10 @@ no question on a window boundary) with the key exactly ``d`` chunks before the q
 question's own chunk, read as raw text), scored by teacher-forced exact match of the answer (and the share of its digits predicted right), once with the
 temporary memory (the configured budget) and once without it (budget 0: only the global memory can carry the
 key). A model whose memory carries nothing scores 0 at every d >= 1.
+
+``--boundary`` scores samples whose answer crosses a window boundary instead (the window folds after 0 .. len-1 of
+its tokens): the rest of the answer is then generated in a fresh window that sees the question only through memory,
+as at inference whenever a prompt ends within a few tokens of a multiple of the chunk size.
 """
 
 from __future__ import annotations
@@ -42,15 +46,17 @@ def exact_match(model, builder, collator, distance: int, budget: int | None, sam
     return {"exact": sum(hits) / len(hits), "digit_accuracy": digits_right / digits if digits else 0.0}
 
 
-def diagnose_model(model, tokenizer, distances, samples: int, prefix: str = "") -> dict[str, dict[str, float]]:
+def diagnose_model(
+    model, tokenizer, distances, samples: int, prefix: str = "", boundary: bool = False
+) -> dict[str, dict[str, float]]:
     """Scores of one loaded CoMeT model (see the module doc) per distance, with and without the temporary memory,
-    keyed ``"{prefix}distance={d} temp_budget=configured|0"``."""
+    keyed ``"{prefix}distance={d} temp_budget=configured|0"``; ``boundary``: answers that cross a fold."""
     from training.lm_data import pydoc_texts
     from training.recall_data import FillerStream, RecallCollator, RecallSampleBuilder
 
     builder = RecallSampleBuilder(tokenizer, FillerStream.from_texts(pydoc_texts(), tokenizer),
                                   chunk_size=model.config.chunk_size, task="passkey", num_chunks=(3, 4),
-                                  boundary_fraction=0.0)
+                                  boundary_fraction=1.0 if boundary else 0.0)
     collator = RecallCollator(pad_token_id=tokenizer.eos_token_id)
     results = {}
     for distance in distances:
@@ -66,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("models", nargs="+", help="CoMeT checkpoint folders")
     parser.add_argument("--distances", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--samples", type=int, default=12)
+    parser.add_argument("--boundary", action="store_true", help="answers that cross a window boundary")
     parser.add_argument("--output", help="JSON file to write")
     args = parser.parse_args(argv)
 
@@ -78,9 +85,10 @@ def main(argv: list[str] | None = None) -> dict:
     for folder in args.models:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        results.update(diagnose_model(model, tokenizer, args.distances, args.samples, prefix=f"{folder} "))
+        results.update(diagnose_model(model, tokenizer, args.distances, args.samples, prefix=f"{folder} ",
+                                      boundary=args.boundary))
     if args.output:
-        atomic_write_json(args.output, {"samples": args.samples, "results": results})
+        atomic_write_json(args.output, {"samples": args.samples, "boundary": args.boundary, "results": results})
     return results
 
 
