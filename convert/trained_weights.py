@@ -159,6 +159,15 @@ def apply_trained_weights(model: torch.nn.Module, path: str | Path, merge_lora: 
     return metadata
 
 
+def lora_modules(path: str | Path) -> set[str]:
+    """The short names (``q_proj``, ...) of the linear layers ``path`` has LoRA factors for."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        matches = [_LORA.match(key) for key in f.keys()]
+    return {m["module"].rsplit(".", 1)[-1] for m in matches if m is not None}
+
+
 @torch.no_grad()
 def load_lora_factors(peft_model: torch.nn.Module, path: str | Path) -> int:
     """Copy the LoRA factors of ``path`` into the matching adapter of a PEFT-wrapped CoMeT model, so that training
@@ -197,6 +206,7 @@ __all__ = [
     "FORMAT",
     "apply_trained_weights",
     "load_lora_factors",
+    "lora_modules",
     "read_metadata",
     "remap_memory_keys",
     "save_trained_weights",

@@ -344,3 +344,34 @@ def test_trainer_cli_distils_from_the_base_and_needs_a_named_teacher_for_a_saved
     with pytest.raises(ValueError, match="--distill_teacher"):
         comet_trainer.main(["--model_name_or_path", str(out), "--output_dir", str(tmp_path / "again"), "--max_steps", "1",
                             "--distill_weight", "1", *common])
+
+
+def test_init_trained_weights_continues_lora_of_the_same_shape_and_merges_other_factors(tmp_path):
+    """A run started from a trained-weights file behaves as the model that wrote it: with LoRA of the file's rank,
+    alpha and modules the factors go into the new adapter (so its export holds the whole change), otherwise they
+    are merged into the base under a fresh adapter."""
+    from convert.trained_weights import save_trained_weights
+    from tests.test_convert import save_tiny_base
+    from training.comet_trainer import build_model, parse_config
+
+    base = save_tiny_base(tmp_path / "base")
+    common = ["--model_name_or_path", str(base), "--chunk_size", "8", "--temp_beacon_stride", "4", "--temp_mem_budget",
+              "4", "--finetuning", "lora", "--lora_r", "4", "--lora_alpha", "8", "--output_dir", str(tmp_path / "o")]
+    trained, _ = build_model(parse_config([*common, "--lora_target_modules", "q_proj,v_proj"]))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for param in trained.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn(param.shape, generator=g))
+    path = save_trained_weights(trained, tmp_path / "trained.safetensors")
+    ids = torch.randint(3, 60, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = trained.eval()(input_ids=ids, use_cache=False).logits
+    for targets, continued in (("q_proj,v_proj", True), ("q_proj,k_proj,v_proj", True), ("q_proj", False)):
+        model, _ = build_model(parse_config([*common, "--lora_target_modules", targets, "--init_trained_weights",
+                                             str(path)]))
+        factor = dict(model.named_parameters())["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"]
+        assert bool(factor.abs().sum() > 0) == continued, targets
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(input_ids=ids, use_cache=False).logits, expected,
+                                       atol=1e-5, rtol=1e-5)

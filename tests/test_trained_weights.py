@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from convert.trained_weights import (
     apply_trained_weights,
     load_lora_factors,
+    lora_modules,
     read_metadata,
     remap_memory_keys,
     save_trained_weights,
@@ -79,6 +80,7 @@ def test_continuing_lora_starts_from_the_files_factors_and_exports_the_whole_cha
     with torch.no_grad():
         expected = peft_model(input_ids=ids, use_cache=False).logits
     path = save_trained_weights(peft_model, tmp_path / "trained.safetensors")
+    assert lora_modules(path) == {"q_proj", "v_proj"}
     model = fresh()
     apply_trained_weights(model, path, merge_lora=False)
     base_q = model.model.layers[0].self_attn.q_proj.weight.clone()

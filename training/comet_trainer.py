@@ -90,11 +90,16 @@ def build_model(config: CometTrainingConfig):
                          f"this model writes with {model.config.global_write!r}")
     continue_lora = False
     if config.init_trained_weights:
-        from convert.trained_weights import apply_trained_weights, read_metadata
+        from convert.trained_weights import apply_trained_weights, lora_modules, read_metadata
 
-        # LoRA factors of the same rank continue training in the new adapter; otherwise they are merged.
+        # LoRA factors continue training in the new adapter when it has their rank, alpha and target modules;
+        # otherwise they are merged into the base.
         lora = read_metadata(config.init_trained_weights).get("lora")
-        continue_lora = config.finetuning == "lora" and lora == {"r": config.lora_r, "alpha": config.lora_alpha}
+        continue_lora = (
+            config.finetuning == "lora"
+            and lora == {"r": config.lora_r, "alpha": config.lora_alpha}
+            and lora_modules(config.init_trained_weights) <= set(config.lora_target_modules.split(","))
+        )
         apply_trained_weights(model, config.init_trained_weights, merge_lora=not continue_lora)
     if config.finetuning == "lora":
         from peft import LoraConfig, get_peft_model
