@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--position-layout", choices=["default", "epl"], default="default")
     parser.add_argument("--global-write", choices=["readout", "window"], default="readout",
                         help="how the global memory is written (CometConfig.global_write)")
+    parser.add_argument("--temp-write", choices=["beacon", "tail"], default="beacon",
+                        help="what the temporary memory keeps (CometConfig.temp_write)")
     parser.add_argument("--memory-weights", default=None, help="trained comet_memory.* safetensors to load")
     parser.add_argument(
         "--trained-weights", default=None, help="trained memory + LoRA file (training.export_weights) to apply"
@@ -279,6 +281,7 @@ def main(argv: list[str] | None = None) -> Path:
         adapter_rank=args.adapter_rank,
         position_layout=args.position_layout,
         global_write=args.global_write,
+        temp_write=args.temp_write,
         memory_weights=args.memory_weights,
         trained_weights=args.trained_weights,
         overwrite=args.overwrite,

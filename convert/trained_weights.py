@@ -26,7 +26,7 @@ _PEFT_PREFIX = re.compile(r"^base_model\.model\.")
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.(?:[^.]+\.)?weight$")
 _MEMORY_FIELDS = (
     "chunk_size", "global_mem_size", "temp_beacon_stride", "temp_mem_budget", "adapter_rank", "position_layout",
-    "global_write",
+    "global_write", "temp_write",
 )
 
 
@@ -108,13 +108,17 @@ def read_metadata(path: str | Path) -> dict:
 
 
 @torch.no_grad()
-def apply_trained_weights(model: torch.nn.Module, path: str | Path, merge_lora: bool = True) -> dict:
+def apply_trained_weights(
+    model: torch.nn.Module, path: str | Path, merge_lora: bool = True, adapt_fields: tuple[str, ...] = ()
+) -> dict:
     """Load the memory and merge the LoRA factors of ``path`` into a plain CoMeT model; all or nothing.
 
     Fails, before changing anything, if the file's memory settings differ from the model's, if a memory
     parameter is missing or extra, or if a LoRA factor names no linear layer of the model. Returns the metadata.
     ``merge_lora=False`` loads the memory only (after the same checks), for a run that continues training the
-    factors in a LoRA adapter of the same rank (`load_lora_factors`).
+    factors in a LoRA adapter of the same rank (`load_lora_factors`). ``adapt_fields`` names memory settings that
+    may differ because the same parameters are trained on under a new setting (the trainer's warm start of a
+    ``temp_write="tail"`` model from beacon-trained weights).
     """
     from safetensors.torch import load_file
 
@@ -123,7 +127,7 @@ def apply_trained_weights(model: torch.nn.Module, path: str | Path, merge_lora: 
         raise FileNotFoundError(f"trained weights not found: {path}")
     metadata = read_metadata(path)
     for field, value in metadata["memory"].items():
-        if getattr(model.config, field) != value:
+        if field not in adapt_fields and getattr(model.config, field) != value:
             raise ValueError(f"{path} was trained with {field}={value!r}; this model has {getattr(model.config, field)!r}")
     tensors = load_file(path)
     prefix = _memory_prefix(model)

@@ -13,6 +13,7 @@ from transformers.configuration_utils import SubConfigSpec
 from .position_layout import POSITION_LAYOUTS
 
 GLOBAL_WRITES = ("readout", "window")
+TEMP_WRITES = ("beacon", "tail")
 
 # Decoder-only bases whose decoder layers share the Llama calling convention
 # (hidden_states, attention_mask, position_ids, position_embeddings, cache) and whose
@@ -66,6 +67,13 @@ class CometConfig(PreTrainedConfig):
             query scores each window by its last token, softmax over windows): the slots then hold token states in
             their own order, the form a pretrained decoder's layers already read (the candidate then takes the usual
             norm, gate and adapter). Needs `chunk_size >= global_mem_size`.
+        temp_write (`str`, *optional*, defaults to `"beacon"`):
+            What each chunk adds to the temporary memory (`beacons_per_chunk` entries per layer). `"beacon"`: the
+            layer's outputs at the beacon tokens, each a summary of `temp_beacon_stride` tokens (DESIGN §1).
+            `"tail"`: the layer's *input* states of the chunk's last `beacons_per_chunk` text tokens, kept in order.
+            The newest entries sit right before the next window's text, so its first tokens see the previous
+            chunk's last tokens as token states at their usual distances: a window opened mid-sentence (or
+            mid-answer) keeps its immediate context.
         gate_bias_init (`float`, *optional*, defaults to 0.0):
             Initial bias of the global-memory gate (0 gives an even mix of old state and new readouts).
         special_init_std (`float`, *optional*, defaults to 0.02):
@@ -94,6 +102,7 @@ class CometConfig(PreTrainedConfig):
     adapter_rank: int = 8
     position_layout: str = "default"
     global_write: str = "readout"
+    temp_write: str = "beacon"
     gate_bias_init: float = 0.0
     special_init_std: float = 0.02
     layer_major: bool = False
@@ -154,6 +163,10 @@ class CometConfig(PreTrainedConfig):
         elif self.global_write == "window" and isinstance(self.chunk_size, int) and self.chunk_size < self.global_mem_size:
             errors.append(f"global_write='window' needs chunk_size ({self.chunk_size}) >= global_mem_size "
                           f"({self.global_mem_size}): the window is global_mem_size tokens of one chunk")
+        if self.temp_write not in TEMP_WRITES:
+            errors.append(f"temp_write must be one of {TEMP_WRITES}, got {self.temp_write!r}")
+        elif self.temp_write == "tail" and isinstance(self.temp_beacon_stride, int) and self.temp_beacon_stride < 1:
+            errors.append("temp_write='tail' needs the temporary memory (temp_beacon_stride >= 1)")
         if errors:
             raise ValueError("Invalid CoMeT configuration: " + "; ".join(errors))
 
@@ -164,6 +177,12 @@ class CometConfig(PreTrainedConfig):
     @property
     def beacons_per_chunk(self) -> int:
         return self.chunk_size // self.temp_beacon_stride if self.use_temp_memory else 0
+
+    @property
+    def keeps_text_states(self) -> bool:
+        """Whether a fold reads the chunk's per-layer input states (window write or tail temporary memory), so that
+        the cache keeps the live window's."""
+        return self.global_write == "window" or self.temp_write == "tail"
 
     @property
     def temp_slots(self) -> int:
@@ -198,4 +217,4 @@ for _name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "num_ke
 del _name
 
 
-__all__ = ["GLOBAL_WRITES", "CometConfig", "SUPPORTED_BASE_MODEL_TYPES", "check_supported_base"]
+__all__ = ["GLOBAL_WRITES", "TEMP_WRITES", "CometConfig", "SUPPORTED_BASE_MODEL_TYPES", "check_supported_base"]

@@ -321,7 +321,8 @@ class CometCache(Cache):
         self.window_fill: torch.Tensor | None = None  # (B,) text tokens in the live window
         self.token_hash: torch.Tensor | None = None  # (B,) hash of the input columns read; -1 if read as embeddings
         self.slots_pending: torch.Tensor | None = None  # (B,) window opened, memory slots' keys/values not written yet
-        # global_write="window": per layer, the layer's input states of the live window's text (B, chunk_size + 1, d)
+        # global_write="window" or temp_write="tail": per layer, the layer's input states of the live window's text
+        # (B, chunk_size + 1, d)
         self.text_states: list[torch.Tensor] = []
         self.seen_tokens = 0  # input columns consumed, padding included (what generate slices by)
         self.model_fingerprint: str | None = None  # hash of the configuration of the model that built it
@@ -376,7 +377,7 @@ class CometCache(Cache):
         self.token_hash = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.slots_pending = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.text_states = []
-        if config.global_write == "window":
+        if config.keeps_text_states:
             text_shape = (batch_size, config.chunk_size + 1, base.hidden_size)  # the last row: a write sink
             self.text_states = [torch.zeros(text_shape, dtype=dtype, device=device) for _ in range(base.num_hidden_layers)]
         self.seen_tokens = 0
@@ -525,6 +526,8 @@ def config_fingerprint(config: CometConfig) -> str:
     fields = {name: getattr(config, name) for name in CometConfig.MEMORY_FIELDS}
     if config.global_write != "readout":  # (left out for the default, so earlier saved states keep their hash)
         fields["global_write"] = config.global_write
+    if config.temp_write != "beacon":
+        fields["temp_write"] = config.temp_write
     for name in (
         "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta", "rope_parameters",
@@ -847,6 +850,8 @@ class CometModel(CometPreTrainedModel):
             start = P + n_text
             nb = self.config.beacons_per_chunk
             beacon_out = out[:, start : start + nb] if nb else None
+            if self.config.temp_write == "tail":  # a folded chunk is full: its last nb tokens
+                beacon_out = text_in[:, n_text - nb : n_text]
             candidate = out[:, start + nb :]
             if self.config.global_write == "window":
                 candidate = self._select_window(layer, text_in, chunk[4])
@@ -982,7 +987,7 @@ class CometModel(CometPreTrainedModel):
             for layer in range(self.config.base_config.num_hidden_layers):
                 if slot_rows:
                     hidden = torch.cat([cache.memory.slots(layer).to(hidden.dtype), hidden[:, slot_rows:]], dim=1)
-                if cache.text_states and bool(is_text.any()):  # global_write="window" chooses among these at the fold
+                if cache.text_states and bool(is_text.any()):  # the window write and the tail read these at a fold
                     _scatter_rows(cache.text_states[layer], text_slot.clamp(min=0), is_text, hidden)
                 hidden = self._run_layer(layer, hidden, mask, position_embeddings, position_ids, cache=cache)
                 if on_layer is not None:
@@ -1024,7 +1029,10 @@ class CometModel(CometPreTrainedModel):
             candidate = out[:, nb:]
             if self.config.global_write == "window":
                 candidate = self._select_window(layer, cache.text_states[layer][:, : self.config.chunk_size], full)
-            g_state, g_memory, temp = self._fold_into_memory(layer, state, out[:, :nb] if nb else None, candidate)
+            temp_in = out[:, :nb] if nb else None
+            if self.config.temp_write == "tail":
+                temp_in = cache.text_states[layer][:, self.config.chunk_size - nb : self.config.chunk_size]
+            g_state, g_memory, temp = self._fold_into_memory(layer, state, temp_in, candidate)
             keep = samples[:, None, None]
             new_memories.append(
                 (

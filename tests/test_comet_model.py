@@ -88,11 +88,21 @@ def test_input_shorter_than_a_chunk_gives_base_logits(arch, attn):
         assert (model(long_ids).logits[:, 16:] - base(long_ids).logits[:, 16:]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("write", ["readout", "window"])
-@pytest.mark.parametrize("layout", ["default", "epl"])
-@pytest.mark.parametrize("stride", [4, -1])
+# How the memory is written: the global memory (readouts or a window of token states) and the temporary memory
+# (beacon outputs or the chunk's last token states).
+WRITES = {
+    "readout": dict(global_write="readout"),
+    "window": dict(global_write="window"),
+    "window+tail": dict(global_write="window", temp_write="tail"),
+    "readout+tail": dict(global_write="readout", temp_write="tail"),
+}
+PATH_CASES = [(layout, stride, write) for layout in ("default", "epl") for stride in (4, -1) for write in WRITES
+              if stride > 0 or "tail" not in write]  # (the tail is a temporary memory: none without one)
+
+
+@pytest.mark.parametrize("layout,stride,write", PATH_CASES)
 def test_chunk_major_layer_major_and_cache_paths_agree(layout, stride, write):
-    model = tiny_comet(position_layout=layout, temp_beacon_stride=stride, global_write=write)
+    model = tiny_comet(position_layout=layout, temp_beacon_stride=stride, **WRITES[write])
     ids = random_ids(2, 75)
     with torch.no_grad():
         chunk_major = model(ids, layer_major=False).logits
@@ -102,9 +112,9 @@ def test_chunk_major_layer_major_and_cache_paths_agree(layout, stride, write):
     torch.testing.assert_close(cached, chunk_major, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("write", ["readout", "window"])
+@pytest.mark.parametrize("write", ["readout", "window", "window+tail"])
 def test_reading_in_pieces_equals_reading_at_once(write):
-    model = tiny_comet(global_write=write)
+    model = tiny_comet(**WRITES[write])
     ids = random_ids(1, 90)
     cache = CometCache()
     with torch.no_grad():
@@ -182,9 +192,9 @@ def test_activation_checkpointing_gives_same_gradients():
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("write", ["readout", "window"])
+@pytest.mark.parametrize("write", ["readout", "window", "window+tail"])
 def test_generate_equals_greedy_reference_loop(write):
-    model = tiny_comet(global_write=write)
+    model = tiny_comet(**WRITES[write])
     ids = random_ids(1, 37)  # generation crosses two window folds
     out = model.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
     seq = ids
@@ -194,9 +204,9 @@ def test_generate_equals_greedy_reference_loop(write):
     assert torch.equal(out, seq)
 
 
-@pytest.mark.parametrize("write", ["readout", "window"])
+@pytest.mark.parametrize("write", ["readout", "window", "window+tail"])
 def test_left_padded_batch_generation_equals_one_by_one(write):
-    model = tiny_comet(global_write=write)
+    model = tiny_comet(**WRITES[write])
     prompts = [random_ids(n, seed=n) for n in (37, 10, 50)]
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -209,9 +219,9 @@ def test_left_padded_batch_generation_equals_one_by_one(write):
         assert torch.equal(batch[i, width:], single[0, len(p) :])
 
 
-@pytest.mark.parametrize("write", ["readout", "window"])
+@pytest.mark.parametrize("write", ["readout", "window", "window+tail"])
 def test_beam_search_with_cache_equals_without(write):
-    model = tiny_comet(global_write=write)
+    model = tiny_comet(**WRITES[write])
     ids = random_ids(2, 30)
     kwargs = dict(max_new_tokens=12, min_new_tokens=12, num_beams=3, do_sample=False)
     with_cache = model.generate(ids, **kwargs)

@@ -108,3 +108,34 @@ def test_trainer_supervises_the_window_choice_at_the_planted_fact(tmp_path):
     assert len(ce) == 15 and ce[-1] < 0.5 * ce[0], ce
     assert accuracy[-1] == 1.0
     assert model.model.window_scores == [] and not model.model.record_window_scores
+
+
+def test_tail_temporary_memory_holds_the_chunks_last_token_states():
+    """`temp_write="tail"`: after a fold, the newest temporary entries of layer 0 are the encoded input states (the
+    embeddings) of the chunk's last `beacons_per_chunk` tokens, in order, and they reach the next window's tokens."""
+    model = tiny_comet(global_write="window", temp_write="tail")
+    C, nb = model.config.chunk_size, model.config.beacons_per_chunk
+    ids = random_ids(1, C)
+    cache = CometCache()
+    with torch.no_grad():
+        model(ids, cache=cache)  # one full window: folded
+        embeds = model.get_input_embeddings()(ids[:, C - nb :])
+        expected = model.model.comet_memory.layers[0].encode_temp(embeds)
+    torch.testing.assert_close(cache.memory.temp_memory[0][:, -nb:], expected, atol=1e-6, rtol=0)
+    assert bool(cache.memory.temp_valid[:, -nb:].all())
+    # The next window's first token depends on the previous chunk's last tokens through the tail (no global memory).
+    plain = tiny_comet(global_write="window", temp_write="tail", global_mem_size=0)
+    first = torch.cat([ids, ids[:, :1]], 1)
+    changed = first.clone()
+    changed[0, C - 1] = (changed[0, C - 1] + 1) % plain.config.vocab_size
+    with torch.no_grad():
+        a, b = plain(first).logits[:, -1], plain(changed).logits[:, -1]
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_bad_temporary_write_settings_are_refused():
+    base = tiny_base()
+    with pytest.raises(ValueError, match="temp_write must be one of"):
+        CometForCausalLM.from_base(base, chunk_size=16, temp_write="summary")
+    with pytest.raises(ValueError, match="temp_write='tail' needs the temporary memory"):
+        CometForCausalLM.from_base(base, chunk_size=16, temp_beacon_stride=-1, temp_write="tail")

@@ -29,6 +29,9 @@ class CometTrainingConfig(TrainingArguments):
         global_write (`str`, *optional*, defaults to `"readout"`):
             How a new model writes its global memory (`CometConfig.global_write`): `"readout"` (the paper's design) or
             `"window"` (a soft choice of `global_mem_size` consecutive token states per chunk and layer).
+        temp_write (`str`, *optional*, defaults to `"beacon"`):
+            What a new model's temporary memory keeps (`CometConfig.temp_write`): `"beacon"` (beacon outputs) or
+            `"tail"` (the input states of each chunk's last tokens, so a new window keeps its immediate context).
         window_select_weight (`float`, *optional*, defaults to 0.0):
             `global_write="window"` with recall tasks: adds this weight × the cross-entropy of every layer's window
             choice, in the chunk that holds each asked fact, against the window that ends with the fact's answer
@@ -133,6 +136,7 @@ class CometTrainingConfig(TrainingArguments):
     temp_beacon_stride: int = field(default=16, metadata={"help": "a beacon every N tokens, -1 disables (new models)"})
     temp_mem_budget: int = field(default=64, metadata={"help": "temporary memory entries kept (new models)"})
     global_write: str = field(default="readout", metadata={"help": "readout or window (new models)"})
+    temp_write: str = field(default="beacon", metadata={"help": "beacon or tail (new models)"})
     window_select_weight: float = field(default=0.0, metadata={"help": "supervision of the window choice"})
     train_files: str | None = field(default=None, metadata={"help": "comma-separated local text files"})
     dataset_name: str | None = field(default=None, metadata={"help": "a datasets source (name or path)"})

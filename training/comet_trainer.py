@@ -84,6 +84,7 @@ def build_model(config: CometTrainingConfig):
             temp_beacon_stride=config.temp_beacon_stride,
             temp_mem_budget=config.temp_mem_budget,
             global_write=config.global_write,
+            temp_write=config.temp_write,
         )
     if config.window_select_weight and model.config.global_write != "window":
         raise ValueError("window_select_weight supervises the window choice of a model with global_write='window'; "
@@ -100,7 +101,9 @@ def build_model(config: CometTrainingConfig):
             and lora == {"r": config.lora_r, "alpha": config.lora_alpha}
             and lora_modules(config.init_trained_weights) <= set(config.lora_target_modules.split(","))
         )
-        apply_trained_weights(model, config.init_trained_weights, merge_lora=not continue_lora)
+        # The temporary memory's parameters are the same whatever it keeps: a tail run may start from beacon weights.
+        apply_trained_weights(model, config.init_trained_weights, merge_lora=not continue_lora,
+                              adapt_fields=("temp_write",))
     if config.finetuning == "lora":
         from peft import LoraConfig, get_peft_model
 
