@@ -130,3 +130,14 @@ def test_ram_synthetic_qa_results_become_model_index():
                    and row["compression"] == "4x")
     assert by_name[f"{trained['method']} @ 4x, epl layout"] == trained["accuracy"]
     assert {result.dataset_type for result in evaluation.results} == {"ram-synthetic-qa"}
+
+
+def test_comet_card_says_how_the_memory_is_written(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    readout = " ".join(str(render_card(comet_config(), BASE, model_name="x", repo_id="me/x")).split())
+    assert "written from the readout tokens' outputs" in readout and "one beacon every 16 tokens" in readout
+    config = comet_config()
+    config.global_write, config.temp_write = "window", "tail"
+    tail = " ".join(str(render_card(config, BASE, model_name="x", repo_id="me/x")).split())
+    assert "soft choice of 8 consecutive token states" in tail and "each chunk's last 16 tokens" in tail
+    assert "beacon every" not in tail
