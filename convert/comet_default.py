@@ -3,12 +3,13 @@
     python -m convert.comet_default        # prints the folder, building it on first use
 
 Its memory settings are those of the weights it ships (`DEFAULT_MEMORY`): with the recall weights, 64-token chunks,
-8 global slots written as a window of token states (`global_write="window"`), a beacon every 16 tokens and a
-temporary budget of 16 (one chunk). The repository ships trained weights, applied in this order of preference:
+8 global slots written as a window of token states (`global_write="window"`) and a temporary memory of 16 entries
+holding the last 4 token states of each of the last 4 chunks (`temp_write="tail"`). The repository ships trained
+weights, applied in this order of preference:
 
 * ``checkpoints/smollm2-comet-recall.safetensors``: memory plus LoRA factors from recall training
-  (`training/recipes/smollm2_recall.yaml`, exported with `training.export_weights`), described by
-  ``checkpoints/smollm2-comet-recall.json`` (steps, command, what was measured);
+  (`training/recipes/smollm2_distill.yaml`, then `smollm2_window.yaml`, exported with `training.export_weights`),
+  described by ``checkpoints/smollm2-comet-recall.json`` (stages, commands, what was measured);
 * ``checkpoints/smollm2-comet-memory.safetensors``: memory only, from a short language-modelling run.
 
 The cached folder is rebuilt whenever the weights change. It lives under ``$COMET_CACHE`` (default
