@@ -115,6 +115,23 @@ def test_boundary_fraction_makes_the_answer_cross_a_chunk_boundary(tokenizer, st
     assert 0 in folds_after and len(folds_after) > 2  # both a fresh window for the whole answer and mid-answer folds
 
 
+def test_lead_chunks_put_filler_before_the_farthest_fact(tokenizer, stream):
+    C = 32
+    builder = RecallSampleBuilder(tokenizer, stream, chunk_size=C, num_chunks=(2, 2), lead_chunks=(2, 3),
+                                  boundary_fraction=0.0)
+    leads = set()
+    for seed in range(20):
+        row = builder.build(random.Random(seed), max_distance=3, min_distance=3)
+        ids, first_answer = row["input_ids"], row["answer_spans"][0][0]
+        digits = [t for t in ids[first_answer:row["answer_spans"][0][1]] if tokenizer.inverse[t].isdigit()]
+        fact_chunk = key_positions(ids[: first_answer - 1], digits)[0] // C
+        assert (first_answer - 1) // C - fact_chunk == 3  # the distance is unchanged
+        leads.add(fact_chunk)
+    assert leads == {2, 3}  # 2 or 3 chunks of filler before the fact (without them it would sit in chunk 0)
+    with pytest.raises(ValueError, match="lead_chunks"):
+        RecallSampleBuilder(tokenizer, stream, chunk_size=C, lead_chunks=(2, 1))
+
+
 def test_lm_loss_weight_and_lm_samples(tokenizer, stream):
     builder = RecallSampleBuilder(tokenizer, stream, chunk_size=32, num_chunks=(3, 3), lm_loss_weight=0.25)
     row = builder.build(random.Random(0), 1)

@@ -81,6 +81,9 @@ class CometTrainingConfig(TrainingArguments):
             (`training.recall_data`): facts planted in prose at a controlled distance in chunks, asked at the end.
         recall_chunks (`str`, *optional*, defaults to `"6,8"`):
             Length of a recall sample in chunks, `"min,max"` (at least `max distance + 1`).
+        recall_lead_chunks (`str`, *optional*, defaults to `"0"`):
+            Filler chunks before the farthest asked fact, `"min,max"` sampled per sample (`RecallSampleBuilder.lead_chunks`):
+            so that facts are also written over a memory that already holds filler, as deep in a long document.
         curriculum (`str`, *optional*, defaults to `"schedule"`):
             How the fact→question distance grows: `"schedule"` (a stage every `curriculum_stage_steps` steps),
             `"accuracy"` (a stage once answer exact-match reaches `curriculum_threshold` over `curriculum_window`
@@ -158,6 +161,7 @@ class CometTrainingConfig(TrainingArguments):
     trust_remote_code: bool = field(default=False, metadata={"help": "let model_name_or_path run its own code"})
     task: str = field(default="lm", metadata={"help": f"one of {TASKS}"})
     recall_chunks: str = field(default="6,8", metadata={"help": "recall sample length in chunks: min,max"})
+    recall_lead_chunks: str = field(default="0", metadata={"help": "filler chunks before the farthest fact: min,max"})
     curriculum: str = field(default="schedule", metadata={"help": f"one of {CURRICULUM_MODES}"})
     curriculum_distances: str = field(default="1,2,4,8", metadata={"help": "largest distance (chunks) per stage"})
     curriculum_stage_steps: int = field(default=200, metadata={"help": "steps per stage (schedule)"})
@@ -222,6 +226,7 @@ class CometTrainingConfig(TrainingArguments):
         if self.shuffle_buffer_size < 0:
             raise ValueError(f"shuffle_buffer_size must be non-negative, got {self.shuffle_buffer_size}")
         self.recall_chunk_range  # noqa: B018  (validates)
+        self.recall_lead_range  # noqa: B018
         self.curriculum_distance_list  # noqa: B018
         self.temp_budget_list  # noqa: B018
 
@@ -243,6 +248,15 @@ class CometTrainingConfig(TrainingArguments):
             values *= 2
         if len(values) != 2 or not 1 <= values[0] <= values[1]:
             raise ValueError(f"recall_chunks must be 'min,max' with 1 <= min <= max, got {self.recall_chunks!r}")
+        return values[0], values[1]
+
+    @property
+    def recall_lead_range(self) -> tuple[int, int]:
+        values = self._int_list("recall_lead_chunks", self.recall_lead_chunks)
+        if len(values) == 1:
+            values *= 2
+        if len(values) != 2 or not 0 <= values[0] <= values[1]:
+            raise ValueError(f"recall_lead_chunks must be 'min,max' with 0 <= min <= max, got {self.recall_lead_chunks!r}")
         return values[0], values[1]
 
     @property

@@ -244,6 +244,7 @@ def build_recall_data(config: CometTrainingConfig, tokenizer, chunk_size: int):
         chunk_size=chunk_size,
         task=config.task,
         num_chunks=config.recall_chunk_range,
+        lead_chunks=config.recall_lead_range,
         key_digits=config.key_digits,
         num_keys=config.num_keys,
         num_queries=config.num_queries,

@@ -99,6 +99,10 @@ class RecallSampleBuilder:
         task: `"passkey"` (one key, one question), `"associative"` (`num_keys` name→key facts, `num_queries`
             of them asked) or `"mixed"` (either, half the time each).
         num_chunks: (min, max) length of a sample in chunks; a sample is always longer than the farthest fact.
+        lead_chunks: (min, max) chunks of filler before the chunk of the farthest asked fact (sampled per sample;
+            the sample grows to fit). With (0, 0) a fact far back often lands in the first chunk, where the global
+            memory is empty and written whole; leading filler makes the gate replace a filler state with the fact,
+            as in a long document.
         key_digits: digits per key.
         num_keys, num_queries: facts planted and facts asked in associative samples.
         boundary_fraction: share of samples whose first answer crosses a chunk boundary: the window folds after
@@ -115,6 +119,7 @@ class RecallSampleBuilder:
     chunk_size: int
     task: str = "passkey"
     num_chunks: tuple[int, int] = (6, 8)
+    lead_chunks: tuple[int, int] = (0, 0)
     key_digits: int = 5
     num_keys: int = 4
     num_queries: int = 2
@@ -129,6 +134,8 @@ class RecallSampleBuilder:
         lo, hi = self.num_chunks
         if not 1 <= lo <= hi:
             raise ValueError(f"num_chunks must be (min, max) with 1 <= min <= max, got {self.num_chunks}")
+        if not 0 <= self.lead_chunks[0] <= self.lead_chunks[1]:
+            raise ValueError(f"lead_chunks must be (min, max) with 0 <= min <= max, got {self.lead_chunks}")
         if not 1 <= self.num_queries <= self.num_keys <= len(NAMES):
             raise ValueError(f"need 1 <= num_queries ({self.num_queries}) <= num_keys ({self.num_keys}) <= {len(NAMES)}")
         for name in ("boundary_fraction", "lm_fraction"):
@@ -164,7 +171,8 @@ class RecallSampleBuilder:
         C = self.chunk_size
         facts, questions = self._facts_and_questions(rng, task)
         distances = [rng.randint(min_distance, max_distance) for _ in questions]
-        num_chunks = max(rng.randint(*self.num_chunks), max(distances) + 1)
+        lead = rng.randint(*self.lead_chunks) if self.lead_chunks[1] else 0
+        num_chunks = max(rng.randint(*self.num_chunks), max(distances) + 1 + lead)
         prefix = self._prefix(rng)
         first_question = questions[0][0]
         if rng.random() < self.boundary_fraction:
