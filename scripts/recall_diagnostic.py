@@ -47,16 +47,18 @@ def exact_match(model, builder, collator, distance: int, budget: int | None, sam
 
 
 def diagnose_model(
-    model, tokenizer, distances, samples: int, prefix: str = "", boundary: bool = False
+    model, tokenizer, distances, samples: int, prefix: str = "", boundary: bool = False,
+    lead_chunks: tuple[int, int] = (0, 0),
 ) -> dict[str, dict[str, float]]:
     """Scores of one loaded CoMeT model (see the module doc) per distance, with and without the temporary memory,
-    keyed ``"{prefix}distance={d} temp_budget=configured|0"``; ``boundary``: answers that cross a fold."""
+    keyed ``"{prefix}distance={d} temp_budget=configured|0"``; ``boundary``: answers that cross a fold; ``lead_chunks``:
+    chunks of filler before the fact (`RecallSampleBuilder.lead_chunks`)."""
     from training.lm_data import pydoc_texts
     from training.recall_data import FillerStream, RecallCollator, RecallSampleBuilder
 
     builder = RecallSampleBuilder(tokenizer, FillerStream.from_texts(pydoc_texts(), tokenizer),
                                   chunk_size=model.config.chunk_size, task="passkey", num_chunks=(3, 4),
-                                  boundary_fraction=1.0 if boundary else 0.0)
+                                  boundary_fraction=1.0 if boundary else 0.0, lead_chunks=lead_chunks)
     collator = RecallCollator(pad_token_id=tokenizer.eos_token_id)
     results = {}
     for distance in distances:
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--distances", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--boundary", action="store_true", help="answers that cross a window boundary")
+    parser.add_argument("--lead_chunks", type=int, nargs=2, default=(0, 0), metavar=("MIN", "MAX"),
+                        help="chunks of filler before the fact")
     parser.add_argument("--output", help="JSON file to write")
     args = parser.parse_args(argv)
 
@@ -86,9 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         results.update(diagnose_model(model, tokenizer, args.distances, args.samples, prefix=f"{folder} ",
-                                      boundary=args.boundary))
+                                      boundary=args.boundary, lead_chunks=tuple(args.lead_chunks)))
     if args.output:
-        atomic_write_json(args.output, {"samples": args.samples, "boundary": args.boundary, "results": results})
+        atomic_write_json(args.output, {"samples": args.samples, "boundary": args.boundary,
+                                        "lead_chunks": list(args.lead_chunks), "results": results})
     return results
 
 
