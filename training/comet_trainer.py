@@ -541,6 +541,12 @@ def main(argv: list[str] | None = None) -> dict:
         if summary[key] is not None:
             summary[key.replace("loss", "perplexity")] = math.exp(summary[key])
     print(summary)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every rank is done: leave the process group together, so that no communication thread is still running when
+        # the interpreter exits (a torchrun rank was once aborted at exit with "terminate called without an active
+        # exception").
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return summary
 
 
