@@ -241,23 +241,23 @@ class CometTrainingConfig(TrainingArguments):
         except ValueError:
             raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
 
-    @property
-    def recall_chunk_range(self) -> tuple[int, int]:
-        values = self._int_list("recall_chunks", self.recall_chunks)
+    def _int_range(self, name: str, low: int) -> tuple[int, int]:
+        """The field ``name`` as ``(min, max)`` with ``low <= min <= max`` (one value: both)."""
+        text = getattr(self, name)
+        values = self._int_list(name, text)
         if len(values) == 1:
             values *= 2
-        if len(values) != 2 or not 1 <= values[0] <= values[1]:
-            raise ValueError(f"recall_chunks must be 'min,max' with 1 <= min <= max, got {self.recall_chunks!r}")
+        if len(values) != 2 or not low <= values[0] <= values[1]:
+            raise ValueError(f"{name} must be 'min,max' with {low} <= min <= max, got {text!r}")
         return values[0], values[1]
 
     @property
+    def recall_chunk_range(self) -> tuple[int, int]:
+        return self._int_range("recall_chunks", 1)
+
+    @property
     def recall_lead_range(self) -> tuple[int, int]:
-        values = self._int_list("recall_lead_chunks", self.recall_lead_chunks)
-        if len(values) == 1:
-            values *= 2
-        if len(values) != 2 or not 0 <= values[0] <= values[1]:
-            raise ValueError(f"recall_lead_chunks must be 'min,max' with 0 <= min <= max, got {self.recall_lead_chunks!r}")
-        return values[0], values[1]
+        return self._int_range("recall_lead_chunks", 0)
 
     @property
     def curriculum_distance_list(self) -> list[int]:
