@@ -46,17 +46,36 @@ def exact_match(model, builder, collator, distance: int, budget: int | None, sam
     return {"exact": sum(hits) / len(hits), "digit_accuracy": digits_right / digits if digits else 0.0}
 
 
+FILLERS = ("prose", "repeat", "passkey")
+
+
+def make_filler(kind: str, tokenizer):
+    """The filler of a diagnostic: ``prose`` (pydoc, as in training), ``repeat`` (`RepeatedFiller`: a few short
+    sentences tiled) or ``passkey`` (`evaluation.passkey.FILLER` tiled, the evaluation's own filler)."""
+    from training.lm_data import pydoc_texts
+    from training.recall_data import FillerStream, RepeatedFiller
+
+    if kind == "prose":
+        return FillerStream.from_texts(pydoc_texts(), tokenizer)
+    if kind == "repeat":
+        return RepeatedFiller.from_tokenizer(tokenizer)
+    if kind == "passkey":
+        from evaluation.passkey import FILLER
+
+        return RepeatedFiller.from_tokenizer(tokenizer, [FILLER], max_period=1)
+    raise ValueError(f"filler must be one of {FILLERS}, got {kind!r}")
+
+
 def diagnose_model(
     model, tokenizer, distances, samples: int, prefix: str = "", boundary: bool = False,
-    lead_chunks: tuple[int, int] = (0, 0),
+    lead_chunks: tuple[int, int] = (0, 0), filler: str = "prose",
 ) -> dict[str, dict[str, float]]:
     """Scores of one loaded CoMeT model (see the module doc) per distance, with and without the temporary memory,
     keyed ``"{prefix}distance={d} temp_budget=configured|0"``; ``boundary``: answers that cross a fold; ``lead_chunks``:
-    chunks of filler before the fact (`RecallSampleBuilder.lead_chunks`)."""
-    from training.lm_data import pydoc_texts
-    from training.recall_data import FillerStream, RecallCollator, RecallSampleBuilder
+    chunks of filler before the fact (`RecallSampleBuilder.lead_chunks`); ``filler``: one of `FILLERS`."""
+    from training.recall_data import RecallCollator, RecallSampleBuilder
 
-    builder = RecallSampleBuilder(tokenizer, FillerStream.from_texts(pydoc_texts(), tokenizer),
+    builder = RecallSampleBuilder(tokenizer, make_filler(filler, tokenizer),
                                   chunk_size=model.config.chunk_size, task="passkey", num_chunks=(3, 4),
                                   boundary_fraction=1.0 if boundary else 0.0, lead_chunks=lead_chunks)
     collator = RecallCollator(pad_token_id=tokenizer.eos_token_id)
@@ -77,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--boundary", action="store_true", help="answers that cross a window boundary")
     parser.add_argument("--lead_chunks", type=int, nargs=2, default=(0, 0), metavar=("MIN", "MAX"),
                         help="chunks of filler before the fact")
+    parser.add_argument("--filler", choices=FILLERS, default="prose",
+                        help="prose (as in training), repeat (short sentences tiled) or passkey (the evaluation's)")
     parser.add_argument("--output", help="JSON file to write")
     args = parser.parse_args(argv)
 
@@ -90,10 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         results.update(diagnose_model(model, tokenizer, args.distances, args.samples, prefix=f"{folder} ",
-                                      boundary=args.boundary, lead_chunks=tuple(args.lead_chunks)))
+                                      boundary=args.boundary, lead_chunks=tuple(args.lead_chunks),
+                                      filler=args.filler))
     if args.output:
         atomic_write_json(args.output, {"samples": args.samples, "boundary": args.boundary,
-                                        "lead_chunks": list(args.lead_chunks), "results": results})
+                                        "lead_chunks": list(args.lead_chunks), "filler": args.filler,
+                                        "results": results})
     return results
 
 

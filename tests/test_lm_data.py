@@ -174,3 +174,20 @@ def test_trainer_trains_on_a_stream(tiny_base, tmp_path):
     ])  # fmt: skip
     assert math.isfinite(summary["eval_loss_before"]) and math.isfinite(summary["eval_loss_after"])
     assert (out / "comet_trained.safetensors").is_file()
+
+
+def test_recall_filler_can_be_repetitive(tmp_path, tokenizer):
+    """`repeat_filler_fraction` swaps the source's prose for `RepeatedFiller` sentences in that share of samples.
+    The word-level tokenizer maps every English word of those sentences to its unknown token (id 0), while the
+    source's documents are made of its own `w<i>` words, so the two fillers are told apart by their ids."""
+    (tmp_path / "corpus.txt").write_text("\n".join(documents(400, seed=5)))
+    ids = {}
+    for fraction in (0.0, 1.0):
+        args = config(tmp_path, train_files=str(tmp_path / "corpus.txt"), task="passkey", recall_rows=6,
+                      recall_chunks="3,3", curriculum_distances="1", repeat_filler_fraction=fraction)  # fmt: skip
+        data, _, _ = build_recall_data(args, tokenizer, chunk_size=48)
+        ids[fraction] = {t for row in data for t in row["input_ids"]}
+    assert len(ids[0.0]) > 20  # prose from the corpus
+    assert ids[1.0] <= {0, 1, 2}  # repeated sentences (and the unknown-word templates) only
+    with pytest.raises(ValueError, match="repeat_filler_fraction"):
+        config(tmp_path, repeat_filler_fraction=1.5)

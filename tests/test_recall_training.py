@@ -12,10 +12,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_comet import CometForCausalLM
 from training.recall_data import (
+    REPEAT_SENTENCES,
     FillerStream,
+    MixedFiller,
     RecallCollator,
     RecallCurriculum,
     RecallSampleBuilder,
+    RepeatedFiller,
     answer_accuracy,
     recall_dataset,
 )
@@ -130,6 +133,34 @@ def test_lead_chunks_put_filler_before_the_farthest_fact(tokenizer, stream):
     assert leads == {2, 3}  # 2 or 3 chunks of filler before the fact (without them it would sit in chunk 0)
     with pytest.raises(ValueError, match="lead_chunks"):
         RecallSampleBuilder(tokenizer, stream, chunk_size=C, lead_chunks=(2, 1))
+
+
+def test_repeated_filler_tiles_a_few_sentences_and_mixes_with_prose(tokenizer, stream):
+    repeated = RepeatedFiller.from_tokenizer(tokenizer, [" One two three.", " Four five.", " Six."], max_period=2)
+    sentences = {tuple(s) for s in repeated.sentences}
+    periods = {a + b for a in sentences for b in sentences if a != b} | sentences
+    for seed in range(20):
+        ids = repeated.take(random.Random(seed), 50)
+        assert len(ids) == 50
+        # one or two of the sentences (at most 4 + 3 tokens) repeated from a random offset into them
+        period = next(p for p in range(1, 8) if ids[p:] == ids[:-p])
+        assert any(tuple(ids[i : i + period]) in periods for i in range(period))
+    # the default sentences are not the passkey evaluation's filler, which must stay unseen in training
+    from evaluation.passkey import FILLER
+
+    assert not any(s.strip() in FILLER for s in REPEAT_SENTENCES)
+    mixed = MixedFiller(stream, repeated, repeat_fraction=0.5)
+    repeat_tokens = {t for s in sentences for t in s}
+    kinds = {set(mixed.take(random.Random(seed), 12)) <= repeat_tokens for seed in range(40)}
+    assert kinds == {True, False}  # both sources are drawn
+    builder = RecallSampleBuilder(tokenizer, MixedFiller(stream, repeated, repeat_fraction=1.0), chunk_size=32,
+                                  num_chunks=(3, 3), boundary_fraction=0.0)
+    row = builder.build(random.Random(0), 1)
+    assert set(row["input_ids"]) - repeat_tokens  # the prefix, fact and question are still there
+    with pytest.raises(ValueError, match="repeat_fraction"):
+        MixedFiller(stream, repeated, repeat_fraction=1.5)
+    with pytest.raises(ValueError, match="max_period"):
+        RepeatedFiller.from_tokenizer(tokenizer, [" One."], max_period=2)
 
 
 def test_lm_loss_weight_and_lm_samples(tokenizer, stream):

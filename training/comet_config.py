@@ -84,6 +84,9 @@ class CometTrainingConfig(TrainingArguments):
         recall_lead_chunks (`str`, *optional*, defaults to `"0"`):
             Filler chunks before the farthest asked fact, `"min,max"` sampled per sample (`RecallSampleBuilder.lead_chunks`):
             so that facts are also written over a memory that already holds filler, as deep in a long document.
+        repeat_filler_fraction (`float`, *optional*, defaults to 0.0):
+            Share of recall samples whose filler is a few short sentences repeated (`training.recall_data.RepeatedFiller`,
+            like the classic passkey prompt's filler but other sentences) instead of prose from the source.
         curriculum (`str`, *optional*, defaults to `"schedule"`):
             How the fact→question distance grows: `"schedule"` (a stage every `curriculum_stage_steps` steps),
             `"accuracy"` (a stage once answer exact-match reaches `curriculum_threshold` over `curriculum_window`
@@ -162,6 +165,7 @@ class CometTrainingConfig(TrainingArguments):
     task: str = field(default="lm", metadata={"help": f"one of {TASKS}"})
     recall_chunks: str = field(default="6,8", metadata={"help": "recall sample length in chunks: min,max"})
     recall_lead_chunks: str = field(default="0", metadata={"help": "filler chunks before the farthest fact: min,max"})
+    repeat_filler_fraction: float = field(default=0.0, metadata={"help": "share of samples with repeated filler"})
     curriculum: str = field(default="schedule", metadata={"help": f"one of {CURRICULUM_MODES}"})
     curriculum_distances: str = field(default="1,2,4,8", metadata={"help": "largest distance (chunks) per stage"})
     curriculum_stage_steps: int = field(default=200, metadata={"help": "steps per stage (schedule)"})
@@ -223,6 +227,8 @@ class CometTrainingConfig(TrainingArguments):
         for name in ("pack_batch_size", "filler_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.repeat_filler_fraction <= 1.0:
+            raise ValueError(f"repeat_filler_fraction must lie in [0, 1], got {self.repeat_filler_fraction}")
         if self.shuffle_buffer_size < 0:
             raise ValueError(f"shuffle_buffer_size must be non-negative, got {self.shuffle_buffer_size}")
         self.recall_chunk_range  # noqa: B018  (validates)

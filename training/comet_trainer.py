@@ -46,9 +46,11 @@ from .comet_config import CometTrainingConfig
 from .lm_data import iter_texts, lm_datasets, pack_dataset
 from .recall_data import (
     FillerStream,
+    MixedFiller,
     RecallCollator,
     RecallCurriculum,
     RecallSampleBuilder,
+    RepeatedFiller,
     answer_accuracy,
     recall_dataset,
 )
@@ -237,10 +239,12 @@ def comet_config_of(model) -> object:
 
 def build_recall_data(config: CometTrainingConfig, tokenizer, chunk_size: int):
     """(train dataset, collator, curriculum) of a recall task."""
-    stream = FillerStream.from_texts(iter_texts(config), tokenizer, max_tokens=config.filler_tokens)
+    filler = FillerStream.from_texts(iter_texts(config), tokenizer, max_tokens=config.filler_tokens)
+    if config.repeat_filler_fraction:
+        filler = MixedFiller(filler, RepeatedFiller.from_tokenizer(tokenizer), config.repeat_filler_fraction)
     builder = RecallSampleBuilder(
         tokenizer,
-        stream,
+        filler,
         chunk_size=chunk_size,
         task=config.task,
         num_chunks=config.recall_chunk_range,

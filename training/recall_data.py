@@ -88,13 +88,72 @@ class FillerStream:
         return out
 
 
+# Short plain sentences for repetitive filler (`RepeatedFiller`). Written for this package; deliberately not the
+# sentences of `evaluation.passkey.FILLER`, so that a passkey score measures a filler the model never trained on.
+REPEAT_SENTENCES = (
+    " The river runs to the sea.", " The road is long and dry.", " Rain falls on the old roof.",
+    " The cat sleeps by the door.", " Snow is white and cold.", " The train leaves at noon.",
+    " Bread is baked in the morning.", " The hills are quiet tonight.", " A bird sings in the tree.",
+    " The lamp is on the table.", " Wind moves the tall grass.", " The boat is tied to the pier.",
+    " Leaves turn red in autumn.", " The clock ticks on the wall.", " Fish swim in the pond.",
+    " The market opens early.", " Stars fill the night sky.", " The bridge crosses the valley.",
+    " Tea is served at four.", " The garden needs water.", " Clouds drift over the town.",
+    " The book is on the shelf.", " A dog barks far away.", " The field is full of corn.",
+    " Waves break on the rocks.", " The window faces east.", " Smoke rises from the chimney.",
+    " The path leads to the woods.", " Apples grow on the farm.", " The moon is round tonight.",
+    " Here we are again.", " Round and round it goes.", " This is how it always is.", " And so on and so forth.",
+)  # fmt: skip
+
+
+@dataclass
+class RepeatedFiller:
+    """Repetitive filler: a few short sentences (1 .. ``max_period``, drawn per call) tiled to any length, like the
+    classic passkey prompt's filler. A memory trained only on prose can fail on such text, where every chunk looks
+    like the last and a fact's state must survive many near-identical writes."""
+
+    sentences: list[list[int]]
+    max_period: int = 5
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, sentences: Sequence[str] = REPEAT_SENTENCES, max_period: int = 5):
+        if not 1 <= max_period <= len(sentences):
+            raise ValueError(f"max_period must lie in [1, {len(sentences)}], got {max_period}")
+        return cls([tokenizer(s, add_special_tokens=False).input_ids for s in sentences], max_period)
+
+    def take(self, rng: random.Random, n: int) -> list[int]:
+        """``n`` tokens of a random period of sentences repeated, starting at a random offset into it."""
+        if n <= 0:
+            return []
+        period = [t for s in rng.sample(self.sentences, rng.randint(1, self.max_period)) for t in s]
+        start = rng.randrange(len(period))
+        reps = (start + n) // len(period) + 1
+        return (period * reps)[start : start + n]
+
+
+@dataclass
+class MixedFiller:
+    """Prose filler, or for a ``repeat_fraction`` of samples repetitive filler (`RepeatedFiller`)."""
+
+    prose: FillerStream
+    repeated: RepeatedFiller
+    repeat_fraction: float = 0.5
+
+    def __post_init__(self):
+        if not 0.0 <= self.repeat_fraction <= 1.0:
+            raise ValueError(f"repeat_fraction must lie in [0, 1], got {self.repeat_fraction}")
+
+    def take(self, rng: random.Random, n: int) -> list[int]:
+        source = self.repeated if rng.random() < self.repeat_fraction else self.prose
+        return source.take(rng, n)
+
+
 @dataclass
 class RecallSampleBuilder:
     """Builds one training sample: prose filler with facts planted at chosen chunk distances, questions at the end.
 
     Args:
         tokenizer: the model's tokenizer (digits and names are tokenised in context).
-        filler: where filler prose comes from.
+        filler: where filler comes from (`FillerStream` prose, `RepeatedFiller`, or `MixedFiller` for both).
         chunk_size: the model's `chunk_size`; distances are counted in chunks of this many tokens.
         task: `"passkey"` (one key, one question), `"associative"` (`num_keys` name→key facts, `num_queries`
             of them asked) or `"mixed"` (either, half the time each).
@@ -115,7 +174,7 @@ class RecallSampleBuilder:
     """
 
     tokenizer: Any
-    filler: FillerStream
+    filler: FillerStream | RepeatedFiller | MixedFiller
     chunk_size: int
     task: str = "passkey"
     num_chunks: tuple[int, int] = (6, 8)
