@@ -157,6 +157,20 @@ def test_repeated_filler_tiles_a_few_sentences_and_mixes_with_prose(tokenizer, s
                                   num_chunks=(3, 3), boundary_fraction=0.0)
     row = builder.build(random.Random(0), 1)
     assert set(row["input_ids"]) - repeat_tokens  # the prefix, fact and question are still there
+    # repetitive filler: no loss and no distillation on the text, only on the question and answer
+    builder.lm_loss_weight = 0.5
+    for seed in range(5):
+        row = builder.build(random.Random(seed), 1)
+        mask, answer_start = row["distill_mask"], row["answer_spans"][0][0]
+        question_start = mask.index(1)  # zeros over the instruction and the filler, ones from the question on
+        assert set(mask[question_start:]) == {1} and question_start > 32 and 0 < answer_start - question_start <= 15
+        assert [i for i, lab in enumerate(row["labels"]) if lab != -100] == list(range(*row["answer_spans"][0]))
+    prose_row = RecallSampleBuilder(tokenizer, stream, chunk_size=32, num_chunks=(3, 3)).build(random.Random(0), 1)
+    assert set(prose_row["distill_mask"]) == {1}
+    batch = RecallCollator(pad_token_id=0)([row, prose_row])
+    assert batch["distill_mask"].shape == batch["input_ids"].shape
+    assert batch["distill_mask"][1].sum() == len(prose_row["input_ids"])  # padding is 0, prose all 1
+    assert "distill_mask" not in RecallCollator(pad_token_id=0)([prose_row])  # prose-only batches do not carry it
     with pytest.raises(ValueError, match="repeat_fraction"):
         MixedFiller(stream, repeated, repeat_fraction=1.5)
     with pytest.raises(ValueError, match="max_period"):
@@ -347,6 +361,12 @@ def test_distillation_scores_every_token_after_the_first_chunk_against_the_teach
     torch.testing.assert_close(kl, torch.cat(terms).mean(), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(cosine, torch.cat(cosines, dim=1).mean(), atol=1e-5, rtol=1e-4)
     assert kl > 0 and cosine > 0
+    # a token mask (repetitive filler) leaves its zeros out: here row 0's last chunk only, and row 1 whole
+    token_mask = torch.zeros_like(ids)
+    token_mask[0, 2 * C :] = 1
+    token_mask[1] = 1
+    _, masked_kl, _ = distillation_losses(model, base, inputs, C, hidden=False, token_mask=token_mask)
+    torch.testing.assert_close(masked_kl, torch.cat([terms[0][C:], terms[1]]).mean(), atol=1e-5, rtol=1e-4)
 
     memory = [p for n, p in model.named_parameters() if "comet_memory" in n]
     (kl + cosine).backward()

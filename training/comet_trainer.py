@@ -153,10 +153,12 @@ def _is_comet_source(source: str, config: CometTrainingConfig) -> bool:
     return AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code).model_type == "comet"
 
 
-def distillation_losses(student, teacher, inputs: dict, chunk_size: int, hidden: bool, keep: int = 1, **student_kwargs):
+def distillation_losses(student, teacher, inputs: dict, chunk_size: int, hidden: bool, keep: int = 1,
+                        token_mask: torch.Tensor | None = None, **student_kwargs):
     """(student outputs, KL(teacher ‖ student) per token, mean per-layer hidden-state cosine distance) over every
     text token after a sample's first chunk: the part where the student depends on its memory (its first chunk
     reads like the base model). Rows may be left-padded (``attention_mask``); each is chunked from its first token.
+    ``token_mask`` (B, L), where given, leaves out the tokens where it is 0 (a recall sample's repetitive filler).
 
     The student keeps logits from the first such column (or from the last ``keep`` columns, if that starts
     earlier) to the end; its loss (``labels`` in ``student_kwargs``) is computed as usual."""
@@ -178,8 +180,9 @@ def distillation_losses(student, teacher, inputs: dict, chunk_size: int, hidden:
                   **student_kwargs)
     with torch.no_grad():
         ref = teacher(input_ids=input_ids, attention_mask=mask, output_hidden_states=hidden, logits_to_keep=L - first)
-    weight = after_first_chunk[:, first:].float()
-    count = weight.sum()
+    scored = after_first_chunk if token_mask is None else after_first_chunk & token_mask.bool()
+    weight = scored[:, first:].float()
+    count = weight.sum().clamp_min(1.0)
     log_student = torch.log_softmax(out.logits.float(), dim=-1)
     log_teacher = torch.log_softmax(ref.logits.float(), dim=-1)
     kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
@@ -346,6 +349,7 @@ class CometTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         spans = inputs.pop("answer_spans", None)
         tail = inputs.pop("answer_tail", 0)
+        distill_mask = inputs.pop("distill_mask", None)
         kwargs = {}
         if "label_weights" in inputs:
             kwargs["label_weights"] = inputs["label_weights"]
@@ -361,7 +365,7 @@ class CometTrainer(Trainer):
         if self.teacher is not None and model.training and inputs["input_ids"].shape[1] > chunk_size:
             outputs, kl, cosine = distillation_losses(
                 model, self.teacher, inputs, chunk_size, self.distill_hidden_weight > 0, keep=int(tail),
-                labels=inputs["labels"], **kwargs
+                token_mask=distill_mask, labels=inputs["labels"], **kwargs
             )
             loss = outputs.loss + self.distill_weight * kl + self.distill_hidden_weight * cosine
             self._metrics["distill_kl"].append(float(kl.detach()))

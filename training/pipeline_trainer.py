@@ -139,6 +139,7 @@ class PipelineTrainer(CometTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         spans = inputs.pop("answer_spans", None)
         tail = int(inputs.pop("answer_tail", 0) or 0)
+        inputs.pop("distill_mask", None)  # distillation does not run pipelined
         self._check_same_batch(inputs["input_ids"])
         budget = self._temp_budget(inputs["input_ids"])
         if budget is not None:

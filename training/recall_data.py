@@ -142,9 +142,12 @@ class MixedFiller:
         if not 0.0 <= self.repeat_fraction <= 1.0:
             raise ValueError(f"repeat_fraction must lie in [0, 1], got {self.repeat_fraction}")
 
+    def pick(self, rng: random.Random) -> FillerStream | RepeatedFiller:
+        """The source of one sample's filler."""
+        return self.repeated if rng.random() < self.repeat_fraction else self.prose
+
     def take(self, rng: random.Random, n: int) -> list[int]:
-        source = self.repeated if rng.random() < self.repeat_fraction else self.prose
-        return source.take(rng, n)
+        return self.pick(rng).take(rng, n)
 
 
 @dataclass
@@ -171,6 +174,11 @@ class RecallSampleBuilder:
         lm_fraction: share of plain language-modelling samples (no facts, every token labelled).
         lm_loss_weight: total weight of the language-modelling loss on a recall sample's text, relative to 1 for
             its answers (0 labels the answers only).
+
+    Samples whose filler is repetitive (`RepeatedFiller`, or the repeated share of a `MixedFiller`) label only
+    their answers and carry a ``distill_mask`` that is 0 over the instruction and filler: a loss on text that
+    repeats teaches the model to repeat (a first run that had one answered ``780444`` for ``78044``), so
+    context distillation (`training.comet_trainer.distillation_losses`) reads only their questions and answers.
     """
 
     tokenizer: Any
@@ -212,10 +220,15 @@ class RecallSampleBuilder:
         """An instruction, with the special tokens the tokenizer adds to a text's start (e.g. BOS)."""
         return list(self.tokenizer(rng.choice(INSTRUCTIONS), add_special_tokens=True).input_ids)
 
+    def _source(self, rng: random.Random) -> FillerStream | RepeatedFiller:
+        """Where one sample's filler comes from (a `MixedFiller` picks per sample)."""
+        return self.filler.pick(rng) if isinstance(self.filler, MixedFiller) else self.filler
+
     def lm_sample(self, rng: random.Random) -> dict[str, list]:
         n = rng.randint(*self.num_chunks) * self.chunk_size
-        ids = self.filler.take(rng, n)
-        return {"input_ids": ids, "labels": list(ids), "label_weights": [1.0 / n] * n, "answer_spans": []}
+        ids = (self.filler.prose if isinstance(self.filler, MixedFiller) else self.filler).take(rng, n)
+        return {"input_ids": ids, "labels": list(ids), "label_weights": [1.0 / n] * n, "answer_spans": [],
+                "distill_mask": [1] * n}
 
     def build(self, rng: random.Random, max_distance: int, min_distance: int = 0) -> dict[str, list]:
         """One sample; the asked facts lie ``min_distance .. max_distance`` chunks before the question's chunk.
@@ -258,7 +271,9 @@ class RecallSampleBuilder:
             hi = min((chunk + 1) * C - len(prefix), body_len) - len(fact)
             starts.append(rng.randint(lo, max(lo, hi)))
         filler_len = body_len - sum(len(f) for f in facts)
-        filler = self.filler.take(rng, filler_len)
+        source = self._source(rng)
+        repetitive = isinstance(source, RepeatedFiller)
+        filler = source.take(rng, filler_len)
         body: list[int] = []
         used = 0
         for i in sorted(range(len(facts)), key=lambda i: starts[i]):
@@ -267,6 +282,7 @@ class RecallSampleBuilder:
             used += n
         body += filler[used:]
         ids = prefix + body
+        distill_mask = [0 if repetitive else 1] * len(ids)
         labels = [-100] * len(ids)
         spans = []
         for question, answer in questions:
@@ -275,14 +291,16 @@ class RecallSampleBuilder:
             spans.append([len(ids), len(ids) + len(answer)])
             ids += answer
             labels += answer
+        distill_mask += [1] * (len(ids) - len(distill_mask))
         answer_tokens = sum(e - s for s, e in spans)
         weights = [0.0 if lab == -100 else 1.0 / answer_tokens for lab in labels]
-        if self.lm_loss_weight:
+        if self.lm_loss_weight and not repetitive:
             text = [i for i, lab in enumerate(labels) if lab == -100 and i > 0]
             for i in text:
                 labels[i] = ids[i]
                 weights[i] = self.lm_loss_weight / len(text)
-        return {"input_ids": ids, "labels": labels, "label_weights": weights, "answer_spans": spans}
+        return {"input_ids": ids, "labels": labels, "label_weights": weights, "answer_spans": spans,
+                "distill_mask": distill_mask}
 
     def _key(self, rng: random.Random) -> str:
         return str(rng.randrange(10 ** (self.key_digits - 1), 10**self.key_digits))
@@ -429,6 +447,12 @@ class RecallCollator:
             weights.append([0.0] * pad + list(r["label_weights"]))
             spans.append([(s + pad, e + pad) for s, e in r["answer_spans"]])
         firsts = [s for row in spans for s, _ in row]
+        extra = {}
+        if any(0 in r.get("distill_mask", ()) for r in rows):  # only batches with repetitive filler carry it
+            extra["distill_mask"] = torch.tensor(
+                [[0] * (width - len(r["input_ids"])) + list(r.get("distill_mask", [1] * len(r["input_ids"])))
+                 for r in rows]
+            )
         return {
             "input_ids": torch.tensor(ids),
             "attention_mask": torch.tensor(mask),
@@ -437,6 +461,7 @@ class RecallCollator:
             "answer_spans": spans,
             # Logits needed to score the answers: from the column before the first answer token to the end.
             "answer_tail": width - min(firsts) + 1 if firsts else 0,
+            **extra,
         }
 
 
