@@ -2,7 +2,7 @@
 # Every evaluation of the embedded default CoMeT (`smollm2-comet`) that its model card and README quote, in two
 # lanes that can run side by side on two cores (each CLI resumes a partial result after any stop):
 #   bash scripts/evaluate_default.sh a     # passkey 1k-32k (5 depths, SmolLM2 beside it), then the forgetting curve
-#   bash scripts/evaluate_default.sh b     # passkey at 128k and 64k (3 depths), recall diagnostics, the 32k demo
+#   bash scripts/evaluate_default.sh b     # passkey at 128k and 64k (5 depths), recall diagnostics, the 32k demo
 #   bash scripts/evaluate_default.sh all   # both, one after the other
 # OUT (default results/default_eval) names the folder; every result lands in its own subfolder.
 set -euo pipefail
@@ -20,9 +20,9 @@ lane_a() {
 }
 
 lane_b() {
-  "$PY" -m evaluation.passkey --model smollm2-comet --lengths 128000 --depths 0 0.5 1 --samples 1 \
+  "$PY" -m evaluation.passkey --model smollm2-comet --lengths 128000 --num-depths 5 --samples 1 \
     --output-dir "$OUT/passkey_128k" --no-progress
-  "$PY" -m evaluation.passkey --model smollm2-comet --lengths 64000 --depths 0 0.5 1 --samples 1 \
+  "$PY" -m evaluation.passkey --model smollm2-comet --lengths 64000 --num-depths 5 --samples 1 \
     --output-dir "$OUT/passkey_64k" --no-progress
   local folder
   folder=$("$PY" -m convert.comet_default)
@@ -30,6 +30,11 @@ lane_b() {
     --output "$OUT/diagnostic_inside_window.json"
   "$PY" -m scripts.recall_diagnostic "$folder" --boundary --distances 0 1 4 8 12 --samples 12 \
     --output "$OUT/diagnostic_boundary.json"
+  # the passkey prompt's own filler (one sentence repeated), 6-10 chunks of it before the key
+  "$PY" -m scripts.recall_diagnostic "$folder" --filler passkey --lead_chunks 6 10 --distances 1 4 8 \
+    --samples 12 --output "$OUT/diagnostic_passkey_filler_lead6-10.json"
+  "$PY" -m scripts.recall_diagnostic "$folder" --filler passkey --lead_chunks 6 10 --distances 16 24 \
+    --samples 12 --output "$OUT/diagnostic_passkey_filler_lead6-10_far.json"
   "$PY" -m scripts.long_context_demo --threads "$OMP_NUM_THREADS" > "$OUT/demo_32k.txt.tmp"
   mv "$OUT/demo_32k.txt.tmp" "$OUT/demo_32k.txt"
 }
