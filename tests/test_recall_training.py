@@ -443,3 +443,23 @@ def test_init_trained_weights_continues_lora_of_the_same_shape_and_merges_other_
         with torch.no_grad():
             torch.testing.assert_close(model.eval()(input_ids=ids, use_cache=False).logits, expected,
                                        atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("finetuning", ["lora", "memory"])
+def test_freeze_memory_modules_keeps_the_named_modules_fixed(tmp_path, finetuning):
+    from tests.test_convert import save_tiny_base
+    from training.comet_trainer import build_model, parse_config
+
+    base = save_tiny_base(tmp_path / "base")
+    common = ["--model_name_or_path", str(base), "--chunk_size", "8", "--temp_beacon_stride", "4", "--temp_mem_budget",
+              "4", "--finetuning", finetuning, "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    model, _ = build_model(parse_config([*common, "--freeze_memory_modules", "temp_adapter,gate"]))
+    # (PEFT keeps a frozen `original_module` copy beside the trained one)
+    memory = {n: p.requires_grad for n, p in model.named_parameters()
+              if "comet_memory" in n and "original_module" not in n}  # fmt: skip
+    frozen = {n for n, trains in memory.items() if not trains}
+    assert frozen and all(".temp_adapter." in n or ".gate." in n for n in frozen)
+    assert any(".temp_adapter." in n for n in frozen) and any(".gate." in n for n in frozen)
+    assert any(trains for trains in memory.values())  # the rest of the memory still trains
+    with pytest.raises(ValueError, match="no memory module called \\['gates'\\]"):
+        build_model(parse_config([*common, "--freeze_memory_modules", "gates"]))

@@ -67,6 +67,9 @@ class CometTrainingConfig(TrainingArguments):
         finetuning (`str`, *optional*, defaults to `"lora"`):
             `"lora"`: LoRA on the attention projections plus every memory parameter (`modules_to_save`);
             `"full"`: every parameter; `"memory"`: memory parameters only, base frozen.
+        freeze_memory_modules (`str`, *optional*):
+            Comma-separated names of memory modules to keep frozen whatever `finetuning` says, e.g.
+            `"temp_norm,temp_adapter"` (the temporary memory's path) or `"gate"`; an unknown name is an error.
         lora_r (`int`, *optional*, defaults to 8), lora_alpha (`int`, *optional*, defaults to 16):
             LoRA rank and scaling.
         lora_target_modules (`str`, *optional*, defaults to `"q_proj,k_proj,v_proj,o_proj"`):
@@ -157,6 +160,7 @@ class CometTrainingConfig(TrainingArguments):
     sample_tokens: int = field(default=1536, metadata={"help": "tokens per training sample"})
     eval_samples: int = field(default=4, metadata={"help": "samples held out for evaluation"})
     finetuning: str = field(default="lora", metadata={"help": f"one of {FINETUNING_MODES}"})
+    freeze_memory_modules: str | None = field(default=None, metadata={"help": "memory modules kept frozen"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_target_modules: str = field(default="q_proj,k_proj,v_proj,o_proj", metadata={"help": "LoRA targets"})

@@ -124,8 +124,29 @@ def build_model(config: CometTrainingConfig):
     elif config.finetuning == "memory":
         for name, param in model.named_parameters():
             param.requires_grad = MEMORY_PREFIX in name
+    if config.freeze_memory_modules:
+        freeze_memory_modules(model, config.freeze_memory_modules.split(","))
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
     return model, tokenizer
+
+
+def freeze_memory_modules(model, names: list[str]) -> list[str]:
+    """Stop training the memory modules called ``names`` (e.g. ``temp_adapter``) in every layer; returns the frozen
+    parameters' names. PEFT's trainable copies (`modules_to_save`) are frozen too."""
+    names = [n.strip() for n in names if n.strip()]
+    frozen, seen = [], set()
+    for name, param in model.named_parameters():
+        if MEMORY_PREFIX not in name:
+            continue
+        parts = name.split(".")
+        hit = [n for n in names if n in parts]
+        if hit:
+            param.requires_grad = False
+            frozen.append(name)
+            seen.update(hit)
+    if missing := [n for n in names if n not in seen]:
+        raise ValueError(f"--freeze_memory_modules names no memory module called {missing}")
+    return frozen
 
 
 def build_teacher(config: CometTrainingConfig):
@@ -569,6 +590,7 @@ __all__ = [
     "TimeBudget",
     "build_model",
     "build_teacher",
+    "freeze_memory_modules",
     "distillation_losses",
     "window_targets",
     "build_recall_data",
