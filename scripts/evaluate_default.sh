@@ -3,7 +3,8 @@
 # lanes that can run side by side on two cores (each CLI resumes a partial result after any stop):
 #   bash scripts/evaluate_default.sh a     # passkey 1k-32k (5 depths, SmolLM2 beside it), then the forgetting curve
 #   bash scripts/evaluate_default.sh b     # passkey at 128k and 64k (5 depths), recall diagnostics, the 32k demo
-#   bash scripts/evaluate_default.sh all   # both, one after the other
+#   bash scripts/evaluate_default.sh merge # after both: one 1k-128k passkey heatmap (passkey_1k_128k/)
+#   bash scripts/evaluate_default.sh all   # both, one after the other, then the merge
 # OUT (default results/default_eval) names the folder; every result lands in its own subfolder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,9 +40,15 @@ lane_b() {
   mv "$OUT/demo_32k.txt.tmp" "$OUT/demo_32k.txt"
 }
 
+merge() {
+  "$PY" -m evaluation.passkey_merge "$OUT/passkey_1k_32k" "$OUT/passkey_64k" "$OUT/passkey_128k" \
+    --output-dir "$OUT/passkey_1k_128k" --overwrite
+}
+
 case "${1:-all}" in
   a) lane_a ;;
   b) lane_b ;;
-  all) lane_a; lane_b ;;
-  *) echo "usage: $0 [a|b|all]" >&2; exit 2 ;;
+  merge) merge ;;
+  all) lane_a; lane_b; merge ;;
+  *) echo "usage: $0 [a|b|merge|all]" >&2; exit 2 ;;
 esac

@@ -113,6 +113,47 @@ def test_command_line_compares_models_and_writes_outputs(tmp_path):
         passkey.main(["--model", str(tmp_path / "missing"), "--output-dir", str(out), "--no-progress", "--overwrite"])
 
 
+def test_merge_joins_runs_of_different_lengths_into_one_grid(tmp_path):
+    """Two real CLI runs (300 tokens; 450 and 600 tokens) merge into one 3-length grid equal to each run's columns;
+    a model past its position limit is marked so at lengths no run gave it; mismatched or overlapping runs refuse."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from evaluation import passkey_merge
+
+    AutoConfig.register("tiny_eval", TinyConfig, exist_ok=True)
+    AutoModelForCausalLM.register(TinyConfig, InductionLM, exist_ok=True)
+    long, short = tmp_path / "long", tmp_path / "short"
+    for folder, limit in ((long, 4096), (short, 400)):
+        InductionLM(TinyConfig(max_position_embeddings=limit)).save_pretrained(folder)
+        char_tokenizer().save_pretrained(folder)
+    common = ["--num-depths", "2", "--no-progress"]
+    passkey.main(["--model", str(long), str(short), "--output-dir", str(tmp_path / "a"), "--lengths", "300", *common])
+    passkey.main(["--model", str(long), "--output-dir", str(tmp_path / "b"), "--lengths", "450", "600", *common])
+    merged = passkey_merge.main([str(tmp_path / "a"), str(tmp_path / "b"), "--output-dir", str(tmp_path / "m")])
+    saved = json.loads((tmp_path / "m" / "passkey.json").read_text())
+    assert saved == json.loads(json.dumps(merged)) and saved["lengths"] == [300, 450, 600]
+    assert saved["merged_from"] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert saved["models"][str(long)]["accuracy"] == [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    short_result = saved["models"][str(short)]
+    assert short_result["accuracy_per_length"] == [1.0, None, None]
+    assert {(c["length"], c["exceeds_max_positions"]) for c in short_result["cells"]} == {(300, False), (450, True),
+                                                                                          (600, True)}  # fmt: skip
+    assert (tmp_path / "m" / "passkey.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        passkey_merge.main([str(tmp_path / "a"), "--output-dir", str(tmp_path / "m")])
+    import shutil
+
+    shutil.copytree(tmp_path / "b", tmp_path / "b2")
+    with pytest.raises(ValueError, match="in both"):
+        passkey_merge.main([str(tmp_path / "b"), str(tmp_path / "b2"), "--output-dir", str(tmp_path / "x")])
+    passkey.main(["--model", str(long), "--output-dir", str(tmp_path / "c"), "--lengths", "500", "--num-depths", "3",
+                  "--no-progress"])  # fmt: skip
+    with pytest.raises(ValueError, match="differ in 'depths'"):
+        passkey_merge.main([str(tmp_path / "a"), str(tmp_path / "c"), "--output-dir", str(tmp_path / "y")])
+    with pytest.raises(FileNotFoundError):
+        passkey_merge.main([str(tmp_path / "missing"), "--output-dir", str(tmp_path / "z")])
+
+
 def test_depth_grid():
     assert passkey.depth_grid(5) == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert passkey.depth_grid(1) == [0.5]
