@@ -199,18 +199,22 @@ def evaluate_model(
     return _summary(accuracy, cells, limit, model)
 
 
-def _summary(accuracy: list[list[float | None]], cells: list[dict], limit: int | None, model) -> dict[str, Any]:
+def accuracy_summary(accuracy: list[list[float | None]]) -> dict[str, Any]:
+    """Per-length means (None where a depth is unscored) and the mean over scored cells of a depths × lengths grid."""
     scored = [value for row in accuracy for value in row if value is not None]
     per_length = [
         None if any(row[j] is None for row in accuracy) else float(np.mean([row[j] for row in accuracy]))
         for j in range(len(accuracy[0]))
     ]
+    return {"accuracy_per_length": per_length, "mean_accuracy": float(np.mean(scored)) if scored else None}
+
+
+def _summary(accuracy: list[list[float | None]], cells: list[dict], limit: int | None, model) -> dict[str, Any]:
     return {
         "max_positions": limit,
         "chunked_forward": is_comet(model),
         "accuracy": [list(row) for row in accuracy],
-        "accuracy_per_length": per_length,
-        "mean_accuracy": float(np.mean(scored)) if scored else None,
+        **accuracy_summary(accuracy),
         "cells": list(cells),
     }
 

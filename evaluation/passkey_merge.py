@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import atomic_write_json
-from .passkey import format_length, plot
+from .passkey import accuracy_summary, format_length, plot
 
 SHARED = ("depths", "samples", "seed", "max_new_tokens", "prompt", "dtype")
 
@@ -59,12 +59,7 @@ def merge(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 merged["cells"].extend({"length": length, "depth": depth, "exceeds_max_positions": True, "keys": [],
                                         "answers": None, "correct": None, "accuracy": None} for depth in depths)
         merged["cells"].sort(key=lambda cell: (cell["length"], cell["depth"]))
-        columns = list(zip(*merged["accuracy"], strict=True))
-        merged["accuracy_per_length"] = [
-            None if any(value is None for value in column) else sum(column) / len(column) for column in columns
-        ]
-        scored = [value for row in merged["accuracy"] for value in row if value is not None]
-        merged["mean_accuracy"] = sum(scored) / len(scored) if scored else None
+        merged.update(accuracy_summary(merged["accuracy"]))
         merged["seconds"] = round(merged["seconds"], 1)
     return {"complete": True, "merged_from": list(runs), "lengths": lengths,
             **{key: first[key] for key in SHARED}, "models": models}  # fmt: skip
