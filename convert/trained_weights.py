@@ -63,12 +63,16 @@ def remap_memory_keys(state: dict, model: torch.nn.Module) -> dict:
     return {(target + key.split(MEMORY, 1)[1] if MEMORY in key else key): value for key, value in state.items()}
 
 
-def save_trained_weights(model: torch.nn.Module, path: str | Path) -> Path:
+def save_trained_weights(model: torch.nn.Module, path: str | Path, lora_from: str | Path | None = None) -> Path:
     """Write the memory parameters and any LoRA factors of ``model`` (a CoMeT model, PEFT-wrapped or not).
+
+    ``lora_from``: a trained-weights file whose LoRA factors are already merged into ``model``'s base (a memory-only
+    run started from it, ``finetuning: memory``); its factors are written beside ``model``'s memory, so the new file
+    rebuilds the trained model from the plain base. Its memory settings must be ``model``'s.
 
     Under FSDP2 the parameters are sharded (`DTensor`): every process must call this, each shard is gathered, and
     only the main process (rank 0) writes the file."""
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     from .atomic import atomic_file
 
@@ -82,16 +86,34 @@ def save_trained_weights(model: torch.nn.Module, path: str | Path) -> Path:
             tensors[key] = value.float().contiguous().cpu()
     if not any(k.startswith(MEMORY) for k in tensors):
         raise ValueError("the model has no comet_memory parameters")
+    comet = getattr(model, "config", None)
+    if getattr(comet, "model_type", None) != "comet" and hasattr(model, "get_base_model"):
+        comet = model.get_base_model().config
+    settings = {f: getattr(comet, f) for f in _MEMORY_FIELDS}
+    lora_meta = None
+    if lora_from is not None:
+        if any(".lora_" in k for k in tensors):
+            raise ValueError(f"the model has LoRA factors of its own; lora_from={lora_from} is for a merged base")
+        source = read_metadata(lora_from)
+        # temp_write may differ: the trainer warm-starts a tail run from beacon weights (same parameters)
+        if {k: v for k, v in source["memory"].items() if k != "temp_write"} != {
+            k: v for k, v in settings.items() if k != "temp_write"
+        }:
+            raise ValueError(f"{lora_from} was trained with memory settings {source['memory']}; the model has {settings}")
+        lora_meta = source.get("lora")
+        factors = {k: v for k, v in load_file(str(lora_from)).items() if not k.startswith(MEMORY)}
+        if set(factors) and lora_meta is None:
+            raise ValueError(f"{lora_from} holds LoRA factors but no LoRA rank and alpha")
+        tensors.update(factors)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return Path(path)
     metadata = {"format": FORMAT}
     peft_config = getattr(model, "peft_config", {}).get("default")
-    if any(".lora_" in k for k in tensors):
+    if lora_meta is not None:
+        metadata["lora"] = json.dumps(lora_meta)
+    elif any(".lora_" in k for k in tensors):
         metadata["lora"] = json.dumps({"r": peft_config.r, "alpha": peft_config.lora_alpha})
-    comet = getattr(model, "config", None)
-    if getattr(comet, "model_type", None) != "comet" and hasattr(model, "get_base_model"):
-        comet = model.get_base_model().config
-    metadata["memory"] = json.dumps({f: getattr(comet, f) for f in _MEMORY_FIELDS})
+    metadata["memory"] = json.dumps(settings)
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)

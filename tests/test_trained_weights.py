@@ -98,3 +98,65 @@ def test_continuing_lora_starts_from_the_files_factors_and_exports_the_whole_cha
     other_rank = get_peft_model(fresh(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     with pytest.raises(ValueError, match="r=4"):
         load_lora_factors(other_rank, path)
+
+
+def test_a_memory_only_continuation_exports_its_memory_with_the_init_files_lora(tmp_path):
+    """finetuning: memory merges the init file's LoRA into a frozen base and trains the memory: its export holds the
+    new memory and the init file's factors, and rebuilds the continued model from the plain base."""
+    init = save_trained_weights(trained_peft(), tmp_path / "init.safetensors")
+    model = fresh()
+    apply_trained_weights(model, init)
+    with torch.no_grad():  # stand-in for memory-only training
+        g = torch.Generator().manual_seed(5)
+        for param in model.model.comet_memory.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=g))
+    ids = torch.randint(3, 64, (1, 30), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    path = save_trained_weights(model, tmp_path / "continued.safetensors", lora_from=init)
+    assert read_metadata(path)["lora"] == {"r": 4, "alpha": 8} and lora_modules(path) == {"q_proj", "v_proj"}
+    rebuilt = fresh()
+    apply_trained_weights(rebuilt, path)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids, use_cache=False).logits, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="global_mem_size"):
+        save_trained_weights(fresh(global_mem_size=3), tmp_path / "other.safetensors", lora_from=init)
+    with pytest.raises(ValueError, match="LoRA factors of its own"):
+        save_trained_weights(trained_peft(), tmp_path / "twice.safetensors", lora_from=init)
+    assert not (tmp_path / "other.safetensors").exists() and not (tmp_path / "twice.safetensors").exists()
+
+
+def test_export_of_a_memory_only_checkpoint_folder(tmp_path):
+    """`training.export_weights` on a memory-only run's checkpoint (whole model saved) writes memory + init LoRA."""
+    from tests.test_convert import save_tiny_base
+    from training.comet_trainer import build_model, parse_config
+    from training.export_weights import export
+
+    base = save_tiny_base(tmp_path / "base")
+    recipe = ["--model_name_or_path", str(base), "--chunk_size", "8", "--global_mem_size", "2",
+              "--temp_beacon_stride", "4", "--temp_mem_budget", "4", "--output_dir", str(tmp_path / "run")]
+    lora_run, _ = build_model(parse_config([*recipe, "--lora_r", "4", "--lora_alpha", "8",
+                                            "--lora_target_modules", "q_proj,v_proj"]))
+    with torch.no_grad():
+        for param in lora_run.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    init = save_trained_weights(lora_run, tmp_path / "init.safetensors")
+    memory_recipe = [*recipe, "--finetuning", "memory", "--init_trained_weights", str(init)]
+    continued, _ = build_model(parse_config(memory_recipe))
+    with torch.no_grad():
+        for param in continued.model.comet_memory.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    continued.save_pretrained(tmp_path / "checkpoint-1")
+    ids = torch.randint(3, 96, (1, 30), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = continued.eval()(ids, use_cache=False).logits
+    start, _ = build_model(parse_config(memory_recipe))
+    with torch.no_grad():
+        assert (start.eval()(ids, use_cache=False).logits - expected).abs().max() > 1e-3  # the memory did change
+    out = export(memory_recipe, tmp_path / "checkpoint-1", tmp_path / "exported.safetensors")
+    rebuilt, _ = build_model(parse_config([*recipe, "--finetuning", "memory", "--init_trained_weights", str(out)]))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(ids, use_cache=False).logits, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        export(memory_recipe, tmp_path / "base-missing", tmp_path / "x.safetensors")
