@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from convert.trained_weights import remap_memory_keys, save_trained_weights
+from convert.trained_weights import MEMORY, remap_memory_keys, save_trained_weights
 
 from .comet_trainer import build_model, parse_config
 
@@ -47,15 +47,15 @@ def _export_memory_run(config, checkpoint: Path, output: Path) -> Path:
     """``finetuning: memory`` saves the whole model (base with the init file's LoRA merged, frozen; trained memory).
     Only the memory changed, so the export is that memory plus the init file's LoRA factors."""
     import torch
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     weights = checkpoint / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{checkpoint} has no model.safetensors (a memory-only run saves the whole model)")
     model, _ = build_model(config)  # the run's starting point: same config, base and merged LoRA
-    state = remap_memory_keys(load_file(str(weights)), model)
-    memory = {k: v for k, v in state.items() if "comet_memory." in k}
-    expected = {k for k in model.state_dict() if "comet_memory." in k}
+    with safe_open(str(weights), "pt") as f:  # read the memory's few MB, not the whole saved model
+        memory = remap_memory_keys({k: f.get_tensor(k) for k in f.keys() if MEMORY in k}, model)
+    expected = {k for k in model.state_dict() if MEMORY in k}
     if memory.keys() != expected:
         raise KeyError(f"{weights}: memory weights do not fit the recipe's model: missing "
                        f"{sorted(expected - memory.keys())[:5]}, unexpected {sorted(memory.keys() - expected)[:5]}")
