@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import json
 import os
@@ -35,6 +36,27 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
             ) from error
         return str(comet_default_path()), True
     return name, False
+
+
+def weights_fingerprint(name: str) -> str | None:
+    """A digest of the weights and config that a model name resolves to, or None where it names no local folder.
+
+    Evaluations record it with their results, so that resuming a partial result never mixes answers from two
+    sets of weights under one model name (``smollm2-comet`` after its recall weights changed, a folder that was
+    re-exported). It covers ``config.json`` and every ``*.safetensors`` file of the folder, by content. A Hub
+    repo id that is not a local folder gives None: the id is all that is known before it downloads.
+    """
+    folder = Path(resolve_model_path(name)[0]).expanduser()
+    if not folder.is_dir():
+        return None
+    files = sorted(path for path in folder.iterdir() if path.suffix == ".safetensors" or path.name == "config.json")
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as handle:
+            digest.update(f"{path.name}\0{hashlib.file_digest(handle, 'sha256').hexdigest()}\n".encode())
+    return "sha256:" + digest.hexdigest()
 
 
 # ``--dtype`` values: ``auto`` resolves (see `resolve_dtype`) to one of the others before anything is loaded.
@@ -220,7 +242,7 @@ def prepare_output(
     file_name: str,
     settings: dict[str, Any],
     overwrite: bool = False,
-    recorded_since: tuple[str, ...] = ("dtype",),
+    recorded_since: tuple[str, ...] = ("dtype", "weights"),
 ) -> dict[str, Any] | None:
     """Check an evaluation's output folder before any model loads; return the partial result to resume, if any.
 
@@ -230,9 +252,10 @@ def prepare_output(
     * a partial result (``"complete": false``) whose ``settings`` keys hold the same values is returned, so
       that the caller skips what it already holds; one of other settings, or a file that is not a JSON result,
       is kept (`FileExistsError`) unless ``overwrite``;
-    * ``recorded_since`` names settings that results written before they were recorded lack (``dtype``): such a
-      partial result is resumed under the value given now, with a warning on stderr naming it; a partial result
-      that records another value is of other settings, as above.
+    * ``recorded_since`` names settings that results written before they were recorded lack (``dtype``, the
+      ``weights`` fingerprint of `weights_fingerprint`): such a partial result is resumed under the value given
+      now, with a warning on stderr naming it; a partial result that records another value is of other
+      settings, as above.
 
     With ``overwrite`` the old file stays until the new run's first save replaces it.
     """

@@ -58,6 +58,7 @@ from .common import (
     resolve_dtype,
     run_cli,
     special_token_id,
+    weights_fingerprint,
 )
 
 MIN_LENGTH = 8
@@ -302,7 +303,9 @@ def measure(
                 stored = tuple(done[key][index][sample] for key in ("x_start", "r_start") if key in done)
                 if len(done["copy"][index]) != samples or stored != tuple(spans)[: len(stored)]:
                     raise ValueError(f"The partial result at L={length} was drawn differently; rerun with --overwrite.")
-            for key, row in zip(rows, (done["copy"], done["lm"], done.get("x_start"), done.get("r_start")), strict=True):
+            for key, row in zip(
+                rows, (done["copy"], done["lm"], done.get("x_start"), done.get("r_start")), strict=True
+            ):
                 rows[key].append(list(row[index]) if row is not None else [])
             bar.update(samples)
             continue
@@ -533,7 +536,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     dtype = resolve_dtype(args.dtype, args.device)
     settings = {"model": args.model, "protocol": args.protocol, "corpus": corpus_name, "grid": grid,
-                "lengths": lengths, "samples": args.samples, "seed": args.seed, "dtype": dtype}  # fmt: skip
+                "lengths": lengths, "samples": args.samples, "seed": args.seed, "dtype": dtype,
+                "weights": weights_fingerprint(args.model)}  # fmt: skip
     partial = prepare_output(output_dir, "forgetting_curve.json", settings, args.overwrite)  # before the model loads
     done = None
     if partial is not None and partial.get("per_length"):
@@ -583,6 +587,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "samples": args.samples,
             "seed": args.seed,
             "dtype": dtype,
+            "weights": settings["weights"],
             "train_length": train_length or None,
             "seconds": round(time.time() - start, 1),
             **summarise(done, accuracies, args.copy_threshold, args.alpha, args.protocol),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from .common import (
     resolve_dtype,
     run_cli,
     special_token_id,
+    weights_fingerprint,
 )
 
 INSTRUCTION = (
@@ -313,6 +315,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "max_new_tokens": args.max_new_tokens, "prompt": prompt_text, "dtype": dtype}  # fmt: skip
     partial = prepare_output(output_dir, "passkey.json", settings, args.overwrite)  # before any model loads
     earlier = partial["models"] if partial is not None else {}
+    weights = {name: weights_fingerprint(name) for name in args.model}
+    for name in args.model:  # a model's partial answers are resumed only from the same weights
+        if name not in earlier:
+            continue
+        if "weights" not in earlier[name]:
+            print(
+                f"warning: {output_dir / 'passkey.json'} holds answers of {name} written before weights were "
+                "recorded; resuming them as the weights found now (pass --overwrite to start afresh)",
+                file=sys.stderr,
+            )
+        elif earlier[name]["weights"] != weights[name]:
+            raise FileExistsError(
+                f"{output_dir / 'passkey.json'} holds a partial result of {name} from other weights "
+                f"({earlier[name]['weights']} there, {weights[name]} now); pass --overwrite to replace it, or "
+                "choose another --output-dir"
+            )
     results = {name: result for name, result in earlier.items() if name not in args.model}  # nothing is dropped
     seconds = {name: result.get("seconds") for name, result in results.items()}
 
@@ -330,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
 
     def save_partial(name: str, partial: dict[str, Any]) -> None:
-        results[name] = partial
+        results[name] = {**partial, "weights": weights[name]}
         atomic_write_json(output_dir / "passkey.json", payload(complete=False))
 
     for name in args.model:
@@ -355,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             done_cells=earlier.get(name, {}).get("cells"),
         )
         results[name]["model_type"] = getattr(model.config, "model_type", None)
+        results[name]["weights"] = weights[name]
         results[name]["seconds"] = seconds[name] = round(time.time() - start, 1)
         atomic_write_json(output_dir / "passkey.json", payload(complete=False))  # this model is finished
         del model

@@ -42,6 +42,7 @@ from .common import (
     resolve_dtype,
     run_cli,
     special_token_id,
+    weights_fingerprint,
 )
 from .scrolls_metrics import SCROLLS_TASKS, score_examples, scrolls_score, sentence_splitter
 
@@ -182,8 +183,10 @@ def evaluate_task(
     for example in tqdm(examples, desc=f"scrolls {name}", disable=not progress):
         prompt, truncated = build_prompt(tokenizer, task, example["input"], max_input_tokens)
         record = previous.get(example["id"])
-        if record is None or record.get("prompt_tokens") != len(prompt) or record.get("references") != list(
-            example["references"]
+        if (
+            record is None
+            or record.get("prompt_tokens") != len(prompt)
+            or record.get("references") != list(example["references"])
         ):
             prediction = postprocess(task, generate(model, tokenizer, prompt, new_tokens))
             record = {
@@ -275,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     dtype = resolve_dtype(args.dtype, args.device)
     settings = {"model": args.model, "split": args.split, "max_examples": args.max_examples, "dtype": dtype,
+                "weights": weights_fingerprint(args.model),
                 "requested": {"tasks": tasks, "max_input_tokens": args.max_input_tokens,
                               "max_new_tokens": args.max_new_tokens, "data_files": data_files}}  # fmt: skip
     partial = prepare_output(output_dir, "scrolls.json", settings, args.overwrite)  # before the model loads

@@ -125,6 +125,68 @@ def test_passkey_skips_finished_models_and_cells(tmp_path, monkeypatch):
     assert resumed["complete"]
 
 
+def test_weights_fingerprint_follows_the_folder_content(model_folder, tmp_path):
+    import shutil
+
+    import torch
+
+    first = common.weights_fingerprint(str(model_folder))
+    assert first.startswith("sha256:")
+    copy = tmp_path / "copy"
+    shutil.copytree(model_folder, copy)
+    assert common.weights_fingerprint(str(copy)) == first  # content, not the path
+    model = InductionLM.from_pretrained(copy)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(copy)
+    assert common.weights_fingerprint(str(copy)) != first
+    assert common.weights_fingerprint("some-org/some-repo") is None  # a Hub id: only its name is known
+
+
+def test_passkey_refuses_to_resume_answers_of_other_weights(model_folder, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    name = str(model_folder)
+    args = ["--model", name, "--output-dir", str(out), "--lengths", "300", "--num-depths", "2", "--no-progress"]
+    monkeypatch.setattr(passkey, "load_model_and_tokenizer", LoadRecorder())
+    full = passkey.main(args)
+    assert full["models"][name]["weights"] == common.weights_fingerprint(name)
+
+    # Interrupted after one cell; then the folder was re-exported with other weights.
+    partial = {**full, "complete": False}
+    partial["models"] = {name: {**full["models"][name], "cells": full["models"][name]["cells"][:1]}}
+    del partial["models"][name]["seconds"]
+    partial["models"][name]["weights"] = "sha256:" + "0" * 64
+    (out / "passkey.json").write_text(json.dumps(partial))
+    forbid_loading(monkeypatch, passkey)
+    with pytest.raises(FileExistsError, match=r"partial result of .* from other weights \(sha256:0+ there"):
+        passkey.main(args)
+    assert json.loads((out / "passkey.json").read_text()) == partial  # kept as it was
+
+    # The same weights resume: only the missing cell is scored.
+    partial["models"][name]["weights"] = full["models"][name]["weights"]
+    (out / "passkey.json").write_text(json.dumps(partial))
+    loads = LoadRecorder()
+    monkeypatch.setattr(passkey, "load_model_and_tokenizer", loads)
+    assert passkey.main(args)["models"][name]["cells"] == full["models"][name]["cells"]
+    assert loads.names == [name]
+
+
+def test_forgetting_curve_refuses_to_resume_a_result_of_other_weights(model_folder, tmp_path, monkeypatch):
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog while a cat sleeps in the sun. " * 20)
+    out = tmp_path / "out"
+    args = ["--model", str(model_folder), "--output-dir", str(out), "--text-files", str(text), "--no-progress",
+            "--max-length", "40", "--num-points", "4", "--samples", "3", "--train-length", "64"]  # fmt: skip
+    monkeypatch.setattr(forgetting_curve, "load_model_and_tokenizer", LoadRecorder())
+    saved = forgetting_curve.main(args)
+    assert saved["weights"] == common.weights_fingerprint(str(model_folder))
+    stale = {**saved, "complete": False, "per_length": saved["per_length"][:2], "weights": "sha256:" + "1" * 64}
+    (out / "forgetting_curve.json").write_text(json.dumps(stale))
+    forbid_loading(monkeypatch, forgetting_curve)
+    with pytest.raises(FileExistsError, match="partial result of other settings \\(weights: 'sha256:1+' there"):
+        forgetting_curve.main(args)
+
+
 # ----------------------------------------------------------------------------------------------- SCROLLS
 def scrolls_args(out):
     return ["--model", "tiny", "--output-dir", str(out), "--no-progress", "--tasks", "qasper", "contract_nli",
