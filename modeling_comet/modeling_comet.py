@@ -796,6 +796,14 @@ class CometModel(CometPreTrainedModel):
             temp_valid = torch.where(folded[:, None], shifted, temp_valid)
         return global_valid, temp_valid
 
+    @property
+    def _fold_runs_specials(self) -> bool:
+        """Whether a fold runs the beacon and readout tokens. Not with ``temp_write="tail"`` and
+        ``global_write="window"``: both memories are then written from the chunk's own text states, and no text
+        token attends to a beacon or readout, so running them would only cost time (a quarter of a chunk's
+        tokens at the default sizes) without changing any output."""
+        return not (self.config.temp_write == "tail" and self.config.global_write == "window")
+
     def _special_embeddings(self, batch_size: int, dtype) -> torch.Tensor:
         """(B, nb + G, d): beacon then readout input embeddings of a fold."""
         mem = self.comet_memory
@@ -824,7 +832,7 @@ class CometModel(CometPreTrainedModel):
         key_valid = [slot_valid, valid]
         positions = [slot_pos, text_pos]
         parts = [embeds.new_zeros(B, layout.num_slots, embeds.shape[-1]), embeds]
-        if fold:
+        if fold and self._fold_runs_specials:
             n_fold = layout.fold_positions.numel()
             index.append(torch.arange(layout.beacon_start, layout.beacon_start + n_fold, device=device))
             key_valid.append(valid.new_ones(B, n_fold))
@@ -1013,25 +1021,30 @@ class CometModel(CometPreTrainedModel):
         """Fold the full windows of ``samples`` into memory (beacons and readouts only) and reopen them."""
         layout = self._layout(samples.device)
         B = samples.shape[0]
-        n_fold = layout.fold_positions.numel()
-        fold_index = torch.arange(layout.beacon_start, layout.beacon_start + n_fold, device=samples.device)
-        query_index = torch.where(samples[:, None], fold_index[None], layout.scratch)
-        _, text_start = self._slot_positions(cache.memory.slot_valid(self.config.global_mem_size))
-        position_ids = text_start[:, None] + layout.fold_positions
-        cache.key_valid[:, layout.beacon_start : layout.scratch] = samples[:, None]
-        dtype = cache.memory.global_memory[0].dtype
-        outputs = self._cache_step(cache, self._special_embeddings(B, dtype), query_index, position_ids)
+        if self._fold_runs_specials:
+            n_fold = layout.fold_positions.numel()
+            fold_index = torch.arange(layout.beacon_start, layout.beacon_start + n_fold, device=samples.device)
+            query_index = torch.where(samples[:, None], fold_index[None], layout.scratch)
+            _, text_start = self._slot_positions(cache.memory.slot_valid(self.config.global_mem_size))
+            position_ids = text_start[:, None] + layout.fold_positions
+            cache.key_valid[:, layout.beacon_start : layout.scratch] = samples[:, None]
+            dtype = cache.memory.global_memory[0].dtype
+            outputs = self._cache_step(cache, self._special_embeddings(B, dtype), query_index, position_ids)
+        else:  # both memories come from the window's text states (kept in the cache): no pass to run
+            outputs = [None] * len(cache.text_states)
         state = cache.memory
         nb = self.config.beacons_per_chunk
         new_memories = []
         full = torch.ones(B, self.config.chunk_size, dtype=torch.bool, device=samples.device)  # a folded window is full
         for layer, out in enumerate(outputs):
-            candidate = out[:, nb:]
             if self.config.global_write == "window":
                 candidate = self._select_window(layer, cache.text_states[layer][:, : self.config.chunk_size], full)
-            temp_in = out[:, :nb] if nb else None
+            else:
+                candidate = out[:, nb:]
             if self.config.temp_write == "tail":
                 temp_in = cache.text_states[layer][:, self.config.chunk_size - nb : self.config.chunk_size]
+            else:
+                temp_in = out[:, :nb] if nb else None
             g_state, g_memory, temp = self._fold_into_memory(layer, state, temp_in, candidate)
             keep = samples[:, None, None]
             new_memories.append(

@@ -139,3 +139,38 @@ def test_bad_temporary_write_settings_are_refused():
         CometForCausalLM.from_base(base, chunk_size=16, temp_write="summary")
     with pytest.raises(ValueError, match="temp_write='tail' needs the temporary memory"):
         CometForCausalLM.from_base(base, chunk_size=16, temp_beacon_stride=-1, temp_write="tail")
+
+
+def test_window_and_tail_writes_run_no_beacons_or_readouts_and_change_nothing(monkeypatch):
+    """With both memories written from the chunk's own text states, a fold runs no beacon or readout tokens (no
+    layer sees more than the slots and the text), and the logits, the generated tokens and the memory equal those
+    of the same model made to run them (their outputs were never read, and no text token attends to them)."""
+    from modeling_comet.modeling_comet import CometModel
+
+    model = tiny_comet(global_write="window", temp_write="tail")
+    P, C = model.config.memory_slots, model.config.chunk_size
+    widths = []
+    hook = model.model.layers[0].register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    ids = random_ids(2, 3 * C + 5)
+
+    def run():
+        widths.clear()
+        cache = CometCache()
+        with torch.no_grad():
+            outputs = (
+                model(ids, layer_major=False).logits,
+                model(ids, layer_major=True).logits,
+                model(ids, cache=cache).logits,
+                model.generate(ids[:, : 2 * C + 3], max_new_tokens=C + 2, do_sample=False),
+            )
+        return outputs, cache.memory.global_memory[1], list(widths)
+
+    lean, lean_memory, lean_widths = run()
+    assert max(lean_widths) <= P + C
+    monkeypatch.setattr(CometModel, "_fold_runs_specials", property(lambda self: True))
+    full, full_memory, full_widths = run()
+    hook.remove()
+    assert max(full_widths) > P + C  # the reference really ran them
+    for a, b in zip(lean, full, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lean_memory, full_memory, atol=1e-5, rtol=0)
