@@ -2,10 +2,12 @@
 
     python -m convert.comet_default        # prints the folder, building it on first use
 
-Its memory settings are those of the weights it ships (`DEFAULT_MEMORY`): with the recall weights, 64-token chunks,
-8 global slots written as a window of token states (`global_write="window"`) and a temporary memory of 16 entries
-holding the last 4 token states of each of the last 4 chunks (`temp_write="tail"`). The repository ships trained
-weights, applied in this order of preference:
+Its memory settings are those of the weights it ships (`DEFAULT_MEMORY`): with the recall weights, 8 global slots
+written as a window of token states (`global_write="window"`) and a temporary memory of 16 entries holding each
+chunk's last token states (`temp_write="tail"`). The recall weights were trained on 64-token chunks; the default
+reads with the chunk size that the ``"read"`` entry of their record names (`READ_SETTINGS`, with the passkey
+measurements that chose it): fewer folds, so the filler that follows a fact dilutes its memory less often. The
+repository ships trained weights, applied in this order of preference:
 
 * ``checkpoints/smollm2-comet-recall.safetensors``: memory plus LoRA factors from recall training
   (`training/recipes/smollm2_distill.yaml`, then `smollm2_window.yaml`, exported with `training.export_weights`),
@@ -34,16 +36,25 @@ RECALL_INFO = CHECKPOINTS / "smollm2-comet-recall.json"
 MEMORY_WEIGHTS = CHECKPOINTS / "smollm2-comet-memory.safetensors"
 
 
+def _read_settings() -> dict:
+    """Memory settings the default reads with in place of those its recall weights were trained with: the
+    ``"read"`` entry of ``RECALL_INFO`` (with the measurements that chose it), empty if there is none."""
+    if not (RECALL_WEIGHTS.is_file() and RECALL_INFO.is_file()):
+        return {}
+    return dict(json.loads(RECALL_INFO.read_text()).get("read", {}).get("settings", {}))
+
+
 def _shipped_memory() -> dict:
-    """The default's memory settings: those the shipped recall weights were trained with (their metadata), else
-    those of the language-modelling memory weights."""
+    """The default's memory settings: those the shipped recall weights were trained with (their metadata) with
+    `READ_SETTINGS` over them, else those of the language-modelling memory weights."""
     if RECALL_WEIGHTS.is_file():
         from .trained_weights import read_metadata
 
-        return dict(read_metadata(RECALL_WEIGHTS)["memory"])
+        return {**read_metadata(RECALL_WEIGHTS)["memory"], **READ_SETTINGS}
     return dict(LM_MEMORY)
 
 
+READ_SETTINGS = _read_settings()
 DEFAULT_MEMORY = _shipped_memory()
 STAMP = "comet_default.json"
 TRAINED_NOTE = (
@@ -85,7 +96,7 @@ def comet_default_path(force: bool = False) -> Path:
     from .to_comet import convert
 
     if fingerprint["recall_weights_sha256"] is not None:
-        kwargs = dict(trained_weights=RECALL_WEIGHTS, training_note=recall_note())
+        kwargs = dict(trained_weights=RECALL_WEIGHTS, training_note=recall_note(), read_fields=tuple(READ_SETTINGS))
     elif fingerprint["memory_weights_sha256"] is not None:  # (then DEFAULT_MEMORY is LM_MEMORY)
         kwargs = dict(memory_weights=MEMORY_WEIGHTS, training_note=TRAINED_NOTE)
     else:

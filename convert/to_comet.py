@@ -188,6 +188,11 @@ def load_base(base_path: str | Path, trust_remote_code: bool = False):
     return base.eval(), tokenizer
 
 
+# Memory settings a model may be read with other than those its trained weights were trained with: no parameter's
+# shape depends on them (`convert(read_fields=...)`).
+READ_FIELDS = frozenset({"chunk_size"})
+
+
 def convert(
     base_path: str | Path,
     output_dir: str | Path,
@@ -196,15 +201,20 @@ def convert(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     trained_weights: str | Path | None = None,
+    read_fields: tuple[str, ...] = (),
     **memory_fields,
 ) -> Path:
     """Convert ``base_path`` into a CoMeT checkpoint at ``output_dir`` (see the module doc for what is refused).
 
     ``trained_weights`` (a `convert.trained_weights` file: memory plus LoRA factors) is applied after the parity
-    check, since merged LoRA factors change the base weights on purpose.
+    check, since merged LoRA factors change the base weights on purpose. Its memory settings must be the ones
+    given, except those named in ``read_fields``: settings chosen for reading that no parameter's shape depends
+    on (the default reads with longer chunks than it was trained with; `convert.comet_default`).
     """
     output_dir = Path(output_dir)
     check_memory_fields(memory_fields)
+    if set(read_fields) - READ_FIELDS:
+        raise ValueError(f"read_fields may name {sorted(READ_FIELDS)}, not {sorted(set(read_fields) - READ_FIELDS)}")
     check_base_source(base_path)
     protect = [base_path] if looks_like_path(str(base_path)) else []
     check_replaceable(output_dir, overwrite, protect=protect)  # before the (slow) load
@@ -224,7 +234,7 @@ def convert(
     if trained_weights is not None:
         from .trained_weights import apply_trained_weights
 
-        apply_trained_weights(model, trained_weights)
+        apply_trained_weights(model, trained_weights, adapt_fields=read_fields)
 
     with atomic_directory(output_dir, overwrite=overwrite, protect=protect) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

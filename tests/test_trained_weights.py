@@ -18,10 +18,14 @@ from modeling_comet import CometForCausalLM
 MEMORY = dict(chunk_size=8, global_mem_size=2, temp_beacon_stride=4, temp_mem_budget=4)
 
 
-def fresh(**fields):
+def tiny_llama():
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=64))
+
+
+def fresh(**fields):
+    base = tiny_llama()
     torch.manual_seed(1)
     return CometForCausalLM.from_base(base, **{**MEMORY, **fields}).eval()
 
@@ -160,3 +164,33 @@ def test_export_of_a_memory_only_checkpoint_folder(tmp_path):
         torch.testing.assert_close(rebuilt.eval()(ids, use_cache=False).logits, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         export(memory_recipe, tmp_path / "base-missing", tmp_path / "x.safetensors")
+
+
+def test_convert_reads_with_a_longer_chunk_only_when_asked(tmp_path):
+    """`convert(read_fields=("chunk_size",))` applies weights trained on 8-token chunks to a model that reads 16 at
+    a time: the same parameters, so within 8 tokens the two give the same logits; without it, and for a setting
+    that shapes parameters, conversion is refused before anything is written."""
+    from convert.to_comet import convert
+    from tests.test_convert import tiny_tokenizer
+
+    path = save_trained_weights(trained_peft(), tmp_path / "trained.safetensors")
+    base_folder = tmp_path / "base"
+    tiny_llama().save_pretrained(base_folder)  # the base the weights were trained on
+    tiny_tokenizer(64).save_pretrained(base_folder)
+    longer = {**MEMORY, "chunk_size": 16}
+    with pytest.raises(ValueError, match="chunk_size=8"):
+        convert(base_folder, tmp_path / "refused", trained_weights=path, **longer)
+    with pytest.raises(ValueError, match="read_fields may name"):
+        convert(base_folder, tmp_path / "refused", trained_weights=path, read_fields=("global_mem_size",), **longer)
+    assert not (tmp_path / "refused").exists()
+
+    out = convert(base_folder, tmp_path / "read16", trained_weights=path, read_fields=("chunk_size",), **longer)
+    reader = CometForCausalLM.from_pretrained(out).eval()
+    trained = fresh()
+    apply_trained_weights(trained, path)
+    assert reader.config.chunk_size == 16 and trained.config.chunk_size == 8
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(4))
+    long_ids = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(reader(ids).logits, trained(ids).logits, atol=1e-5, rtol=1e-5)
+        assert (reader(long_ids).logits[:, 8:] - trained(long_ids).logits[:, 8:]).abs().max() > 1e-4  # 1 chunk vs 2
