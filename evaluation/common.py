@@ -43,7 +43,8 @@ def weights_fingerprint(name: str) -> str | None:
 
     Evaluations record it with their results, so that resuming a partial result never mixes answers from two
     sets of weights under one model name (``smollm2-comet`` after its recall weights changed, a folder that was
-    re-exported). It covers ``config.json`` and every ``*.safetensors`` file of the folder, by content. A Hub
+    re-exported). It covers every ``*.safetensors`` file of the folder by content and ``config.json`` by what it
+    says (parsed, keys sorted: the same settings written with another layout count as the same). A Hub
     repo id that is not a local folder gives None: the id is all that is known before it downloads.
     """
     folder = Path(resolve_model_path(name)[0]).expanduser()
@@ -54,8 +55,13 @@ def weights_fingerprint(name: str) -> str | None:
         return None
     digest = hashlib.sha256()
     for path in files:
-        with path.open("rb") as handle:
-            digest.update(f"{path.name}\0{hashlib.file_digest(handle, 'sha256').hexdigest()}\n".encode())
+        if path.suffix == ".json":  # by what it says, not how it is laid out
+            content = json.dumps(json.loads(path.read_text()), sort_keys=True, separators=(",", ":")).encode()
+            part = hashlib.sha256(content).hexdigest()
+        else:
+            with path.open("rb") as handle:
+                part = hashlib.file_digest(handle, "sha256").hexdigest()
+        digest.update(f"{path.name}\0{part}\n".encode())
     return "sha256:" + digest.hexdigest()
 
 

@@ -135,6 +135,12 @@ def test_weights_fingerprint_follows_the_folder_content(model_folder, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(model_folder, copy)
     assert common.weights_fingerprint(str(copy)) == first  # content, not the path
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(dict(reversed(list(config.items())))))  # same settings, new layout
+    assert common.weights_fingerprint(str(copy)) == first
+    (copy / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 123}))
+    assert common.weights_fingerprint(str(copy)) != first
+    (copy / "config.json").write_text(json.dumps(config))
     model = InductionLM.from_pretrained(copy)
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
