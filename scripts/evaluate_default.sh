@@ -5,13 +5,14 @@
 #   bash scripts/evaluate_default.sh b     # passkey at 128k and 64k (5 depths), recall diagnostics, the 32k demo
 #   bash scripts/evaluate_default.sh merge # after both: one 1k-128k passkey heatmap (passkey_1k_128k/)
 #   bash scripts/evaluate_default.sh all   # both, one after the other, then the merge
-# OUT (default results/default_eval_stage4, the shipped weights' results) names the folder; every result lands in its
-# own subfolder. results/default_eval/ holds the same evaluations of the previous default (recall stage 3). The
-# CLIs resume a partial result without checking which weights wrote it: give a new OUT when the weights change.
+# OUT (default results/default_eval_read256: the shipped weights read with 256-token chunks) names the folder; every
+# result lands in its own subfolder. results/default_eval_stage4/ holds the same weights read with 64-token chunks (as
+# trained), results/default_eval/ the previous default (recall stage 3). The CLIs resume a partial result only from
+# the same weights (a fingerprint of config and safetensors); they refuse one written by others.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-OUT=${OUT:-results/default_eval_stage4}
+OUT=${OUT:-results/default_eval_read256}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 
