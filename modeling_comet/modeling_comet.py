@@ -855,16 +855,26 @@ class CometModel(CometPreTrainedModel):
         out = self._run_layer(layer, hidden, mask, position_embeddings, position_ids)
         new_memory = None
         if fold:
-            start = P + n_text
-            nb = self.config.beacons_per_chunk
-            beacon_out = out[:, start : start + nb] if nb else None
-            if self.config.temp_write == "tail":  # a folded chunk is full: its last nb tokens
-                beacon_out = text_in[:, n_text - nb : n_text]
-            candidate = out[:, start + nb :]
-            if self.config.global_write == "window":
-                candidate = self._select_window(layer, text_in, chunk[4])
-            new_memory = self._fold_into_memory(layer, state, beacon_out, candidate)
+            specials = out[:, P + n_text :] if self._fold_runs_specials else None
+            temp_in, candidate = self._fold_inputs(layer, specials, text_in, chunk[4])
+            new_memory = self._fold_into_memory(layer, state, temp_in, candidate)
         return out, new_memory
+
+    def _fold_inputs(self, layer: int, specials, text_states: torch.Tensor, valid: torch.Tensor):
+        """What layer ``layer`` folds into memory: the temporary memory's input (None without one) and the
+        global candidate. ``specials`` (B, nb + G, d) are the fold's beacon and readout outputs (None where they
+        did not run, see `_fold_runs_specials`); ``text_states`` (B, n, d) the layer's input states of the folded
+        chunk's text, ``valid`` (B, n) which of them are real."""
+        nb = self.config.beacons_per_chunk
+        if self.config.temp_write == "tail":  # a folded chunk is full: its last nb tokens
+            temp_in = text_states[:, text_states.shape[1] - nb :]
+        else:
+            temp_in = specials[:, :nb] if nb else None
+        if self.config.global_write == "window":
+            candidate = self._select_window(layer, text_states, valid)
+        else:
+            candidate = specials[:, nb:]
+        return temp_in, candidate
 
     def _select_window(self, layer: int, text_states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The global-memory candidate of ``global_write="window"`` (see `CometLayerMemory.select_window`); each
@@ -1033,18 +1043,11 @@ class CometModel(CometPreTrainedModel):
         else:  # both memories come from the window's text states (kept in the cache): no pass to run
             outputs = [None] * len(cache.text_states)
         state = cache.memory
-        nb = self.config.beacons_per_chunk
         new_memories = []
         full = torch.ones(B, self.config.chunk_size, dtype=torch.bool, device=samples.device)  # a folded window is full
         for layer, out in enumerate(outputs):
-            if self.config.global_write == "window":
-                candidate = self._select_window(layer, cache.text_states[layer][:, : self.config.chunk_size], full)
-            else:
-                candidate = out[:, nb:]
-            if self.config.temp_write == "tail":
-                temp_in = cache.text_states[layer][:, self.config.chunk_size - nb : self.config.chunk_size]
-            else:
-                temp_in = out[:, :nb] if nb else None
+            text = cache.text_states[layer][:, : self.config.chunk_size] if cache.text_states else None
+            temp_in, candidate = self._fold_inputs(layer, out, text, full)
             g_state, g_memory, temp = self._fold_into_memory(layer, state, temp_in, candidate)
             keep = samples[:, None, None]
             new_memories.append(
