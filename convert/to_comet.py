@@ -190,7 +190,7 @@ def load_base(base_path: str | Path, trust_remote_code: bool = False):
 
 # Memory settings a model may be read with other than those its trained weights were trained with: no parameter's
 # shape depends on them (`convert(read_fields=...)`).
-READ_FIELDS = frozenset({"chunk_size"})
+READ_FIELDS = frozenset({"chunk_size", "fold_delay"})
 
 
 def convert(

@@ -74,6 +74,13 @@ class CometConfig(PreTrainedConfig):
             The newest entries sit right before the next window's text, so its first tokens see the previous
             chunk's last tokens as token states at their usual distances: a window opened mid-sentence (or
             mid-answer) keeps its immediate context.
+        fold_delay (`int`, *optional*, defaults to 0):
+            How many tokens of the next chunk are read beside a full chunk before it folds into memory (0 ≤
+            `fold_delay` < `chunk_size`). The first `fold_delay` tokens of every chunk after the first then see the
+            whole previous chunk as text, not only what its fold kept: an answer that starts right after a chunk
+            boundary still sees its question. They are read again in the new window once the chunk has folded, so the
+            memory and every later token are exactly as with 0; the cost is `fold_delay` extra tokens per chunk. No
+            parameter depends on it: a setting for reading, like `chunk_size`.
         gate_bias_init (`float`, *optional*, defaults to 0.0):
             Initial bias of the global-memory gate (0 gives an even mix of old state and new readouts).
         special_init_std (`float`, *optional*, defaults to 0.02):
@@ -103,6 +110,7 @@ class CometConfig(PreTrainedConfig):
     position_layout: str = "default"
     global_write: str = "readout"
     temp_write: str = "beacon"
+    fold_delay: int = 0
     gate_bias_init: float = 0.0
     special_init_std: float = 0.02
     layer_major: bool = False
@@ -163,6 +171,11 @@ class CometConfig(PreTrainedConfig):
         elif self.global_write == "window" and isinstance(self.chunk_size, int) and self.chunk_size < self.global_mem_size:
             errors.append(f"global_write='window' needs chunk_size ({self.chunk_size}) >= global_mem_size "
                           f"({self.global_mem_size}): the window is global_mem_size tokens of one chunk")
+        if not isinstance(self.fold_delay, int) or isinstance(self.fold_delay, bool) or self.fold_delay < 0:
+            errors.append(f"fold_delay must be a non-negative integer, got {self.fold_delay!r}")
+        elif isinstance(self.chunk_size, int) and self.fold_delay >= self.chunk_size:
+            errors.append(f"fold_delay ({self.fold_delay}) must be smaller than chunk_size ({self.chunk_size}): the "
+                          "delayed tokens are the first ones of the next chunk")
         if self.temp_write not in TEMP_WRITES:
             errors.append(f"temp_write must be one of {TEMP_WRITES}, got {self.temp_write!r}")
         elif self.temp_write == "tail" and isinstance(self.temp_beacon_stride, int) and self.temp_beacon_stride < 1:
@@ -183,6 +196,11 @@ class CometConfig(PreTrainedConfig):
         """Whether a fold reads the chunk's per-layer input states (window write or tail temporary memory), so that
         the cache keeps the live window's."""
         return self.global_write == "window" or self.temp_write == "tail"
+
+    @property
+    def window_text(self) -> int:
+        """Text tokens a live window holds: the chunk plus the `fold_delay` tokens read beside it before it folds."""
+        return self.chunk_size + self.fold_delay
 
     @property
     def temp_slots(self) -> int:

@@ -206,29 +206,30 @@ class CometMemoryState:
 class CometWindowLayout:
     """Index space of one chunk (the window) and the attention rules between its parts.
 
-    Indices: ``[0, P)`` memory slots (P = G + budget), ``[P, P+C)`` text, then beacons, readouts and
-    one spare *scratch* index that padding queries write to and nothing ever reads.
+    Indices: ``[0, P)`` memory slots (P = G + budget), ``[P, P+W)`` text (W = C + ``fold_delay``: the chunk, then
+    the next chunk's first tokens read beside it before it folds), then beacons, readouts and one spare *scratch*
+    index that padding queries write to and nothing ever reads. Beacons and readouts see only the chunk's own C.
     """
 
     def __init__(self, config: CometConfig, device):
         self.config = config
-        C, G = config.chunk_size, config.global_mem_size
+        C, G, W = config.chunk_size, config.global_mem_size, config.window_text
         self.num_slots = P = config.memory_slots
         self.num_beacons = nb = config.beacons_per_chunk
         self.text_start = P
-        self.beacon_start = P + C
-        self.readout_start = P + C + nb
-        self.scratch = P + C + nb + G
+        self.beacon_start = P + W
+        self.readout_start = P + W + nb
+        self.scratch = P + W + nb + G
         self.size = self.scratch + 1
 
         idx = torch.arange(self.size, device=device)
         is_slot = idx < P
-        is_text = (idx >= P) & (idx < P + C)
-        is_beacon = (idx >= P + C) & (idx < P + C + nb)
-        is_readout = (idx >= P + C + nb) & (idx < self.scratch)
+        is_text = (idx >= P) & (idx < P + W)
+        is_beacon = (idx >= P + W) & (idx < P + W + nb)
+        is_readout = (idx >= P + W + nb) & (idx < self.scratch)
         # Number of text tokens each index may see (text: itself and before; beacon k: (k+1)·stride).
         horizon = torch.zeros(self.size, dtype=torch.long, device=device)
-        horizon[is_text] = torch.arange(1, C + 1, device=device)
+        horizon[is_text] = torch.arange(1, W + 1, device=device)
         if nb:
             horizon[is_beacon] = torch.arange(1, nb + 1, device=device) * config.temp_beacon_stride
         horizon[is_readout] = C
@@ -324,6 +325,9 @@ class CometCache(Cache):
         # global_write="window" or temp_write="tail": per layer, the layer's input states of the live window's text
         # (B, chunk_size + 1, d)
         self.text_states: list[torch.Tensor] = []
+        # fold_delay > 0: input states of the next chunk's first tokens, read beside the full chunk and read again
+        # once it folds (B, fold_delay + 1, d)
+        self.delayed_inputs: torch.Tensor | None = None
         self.seen_tokens = 0  # input columns consumed, padding included (what generate slices by)
         self.model_fingerprint: str | None = None  # hash of the configuration of the model that built it
         self._write_index: torch.Tensor | None = None
@@ -380,6 +384,9 @@ class CometCache(Cache):
         if config.keeps_text_states:
             text_shape = (batch_size, config.chunk_size + 1, base.hidden_size)  # the last row: a write sink
             self.text_states = [torch.zeros(text_shape, dtype=dtype, device=device) for _ in range(base.num_hidden_layers)]
+        self.delayed_inputs = None
+        if config.fold_delay:
+            self.delayed_inputs = torch.zeros(batch_size, config.fold_delay + 1, base.hidden_size, dtype=dtype, device=device)
         self.seen_tokens = 0
         self.model_fingerprint = config_fingerprint(config)
 
@@ -425,6 +432,7 @@ class CometCache(Cache):
         if self.memory is None:
             return 0
         buffers = [*self.keys, *self.values, self.key_valid, self.window_fill, self.token_hash, self.slots_pending]
+        buffers += [] if self.delayed_inputs is None else [self.delayed_inputs]
         return self.memory.nbytes() + sum(t.numel() * t.element_size() for t in buffers)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -436,6 +444,8 @@ class CometCache(Cache):
         named.update({f"keys.{i}": t for i, t in enumerate(self.keys)})
         named.update({f"values.{i}": t for i, t in enumerate(self.values)})
         named.update({f"text_states.{i}": t for i, t in enumerate(self.text_states)})
+        if self.delayed_inputs is not None:
+            named["delayed_inputs"] = self.delayed_inputs
         return named
 
     @classmethod
@@ -457,6 +467,7 @@ class CometCache(Cache):
         cache.text_states = stack("text_states") if "text_states.0" in named else []
         cache.key_valid, cache.window_fill, cache.token_hash = named["key_valid"], named["window_fill"], named["token_hash"]
         cache.slots_pending = named["slots_pending"]
+        cache.delayed_inputs = named.get("delayed_inputs")
         cache.seen_tokens, cache.model_fingerprint = seen_tokens, model_fingerprint
         return cache
 
@@ -528,6 +539,8 @@ def config_fingerprint(config: CometConfig) -> str:
         fields["global_write"] = config.global_write
     if config.temp_write != "beacon":
         fields["temp_write"] = config.temp_write
+    if config.fold_delay:
+        fields["fold_delay"] = config.fold_delay
     for name in (
         "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta", "rope_parameters",
@@ -821,8 +834,28 @@ class CometModel(CometPreTrainedModel):
         return self.layers[layer](hidden, mask, position_ids, cache, cache is not None, position_embeddings)
 
     # ------------------------------------------------------------------ whole-chunk path (training, scoring)
-    def _chunk_inputs(self, embeds, valid, state: CometMemoryState, fold: bool, layout: CometWindowLayout):
-        """Sequence, mask, position embeddings and ids, and window index of each key, of one chunk."""
+    def _windows(self, length: int) -> list[tuple[int, int, int, int]]:
+        """The windows a no-cache read of ``length`` columns runs, as ``(start, end, stop, emit)``.
+
+        A window holds the text ``[start, stop)``: its chunk ``[start, end)``, which is what folds into memory, then
+        (unless it is the last) the next chunk's first ``fold_delay`` tokens. Its outputs are those of ``[emit,
+        stop)``: the tokens it starts with that the window before already read are not emitted again. A last chunk
+        that the window before read whole is not run.
+        """
+        C, D = self.config.chunk_size, self.config.fold_delay
+        windows, emit = [], 0
+        for start in range(0, length, C):
+            end = min(start + C, length)
+            stop = min(end + D, length) if end < length else end
+            if end < length or emit < stop:
+                windows.append((start, end, stop, max(emit, start)))
+            emit = stop
+        return windows
+
+    def _chunk_inputs(self, embeds, valid, state: CometMemoryState, fold: bool, layout: CometWindowLayout, n_fold: int):
+        """Sequence, mask, position embeddings and ids, window index of each key, and which of the folding text is
+        real, of one window. ``embeds`` and ``valid`` cover the window's text; its first ``n_fold`` tokens are the
+        chunk that folds."""
         B, n, _ = embeds.shape
         device = embeds.device
         slot_valid = state.slot_valid(self.config.global_mem_size)
@@ -833,9 +866,9 @@ class CometModel(CometPreTrainedModel):
         positions = [slot_pos, text_pos]
         parts = [embeds.new_zeros(B, layout.num_slots, embeds.shape[-1]), embeds]
         if fold and self._fold_runs_specials:
-            n_fold = layout.fold_positions.numel()
-            index.append(torch.arange(layout.beacon_start, layout.beacon_start + n_fold, device=device))
-            key_valid.append(valid.new_ones(B, n_fold))
+            n_fold_specials = layout.fold_positions.numel()
+            index.append(torch.arange(layout.beacon_start, layout.beacon_start + n_fold_specials, device=device))
+            key_valid.append(valid.new_ones(B, n_fold_specials))
             positions.append(text_start[:, None] + layout.fold_positions)
             parts.append(self._special_embeddings(B, embeds.dtype))
         index = torch.cat(index)
@@ -844,14 +877,15 @@ class CometModel(CometPreTrainedModel):
         hidden = torch.cat(parts, dim=1)
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         mask = self._attention_mask(allowed, embeds.dtype)
-        return hidden, mask, position_embeddings, position_ids, index, valid
+        return hidden, mask, position_embeddings, position_ids, index, valid[:, :n_fold]
 
     def _chunk_layer_step(self, layer, hidden, chunk, state, fold, n_text):
-        """Run one decoder layer on one chunk: inject memory, run, read the next memory if folding."""
+        """Run one decoder layer on one window of ``n_text`` text tokens: inject memory, run, read the next memory
+        if folding (from the chunk's own text, the first ``chunk[4].shape[1]`` tokens)."""
         mask, position_embeddings, position_ids = chunk[:3]
         P = self.config.memory_slots
         hidden = torch.cat([state.slots(layer).to(hidden.dtype), hidden[:, P:]], dim=1)
-        text_in = hidden[:, P : P + n_text]
+        text_in = hidden[:, P : P + chunk[4].shape[1]]
         out = self._run_layer(layer, hidden, mask, position_embeddings, position_ids)
         new_memory = None
         if fold:
@@ -896,71 +930,66 @@ class CometModel(CometPreTrainedModel):
         )
 
     def _forward_chunks(self, tokens: _TokenSource, on_text, layer_major: bool, temp_budget, recorder: _OutputRecorder):
-        """Read the input chunk by chunk without a cache; ``on_text(columns, real, hidden)`` receives each chunk's
+        """Read the input chunk by chunk without a cache; ``on_text(columns, real, hidden)`` receives each window's
         normalised final text states with their original columns (B, n) and which of them are real tokens."""
-        B, L = tokens.batch_size, tokens.length
-        C = self.config.chunk_size
+        L = tokens.length
         layout = self._layout(tokens.device)
-        state = CometMemoryState.empty(self.config, B, tokens.dtype, tokens.device)
-        bounds = [(s, min(s + C, L)) for s in range(0, L, C)]
-        folded = torch.ones(B, dtype=torch.bool, device=tokens.device)
+        state = CometMemoryState.empty(self.config, tokens.batch_size, tokens.dtype, tokens.device)
+        windows = self._windows(L)
+        folded = torch.ones(tokens.batch_size, dtype=torch.bool, device=tokens.device)
         num_layers = self.config.base_config.num_hidden_layers
         P = self.config.memory_slots
+        columns = [tokens.columns(tokens.span(emit, stop)) for _, _, stop, emit in windows]
+        real = [tokens.valid[:, emit:stop] for _, _, stop, emit in windows]
+        emitted = [slice(P + emit - start, P + stop - start) for start, _, stop, emit in windows]
+
+        def embed_window(i, start, stop):
+            embeds = tokens.embed(tokens.span(start, stop))
+            recorder.hidden(0, columns[i], real[i], embeds[:, emitted[i].start - P :])
+            return embeds
 
         if not layer_major:
-            for start, end in bounds:
+            for i, (start, end, stop, _) in enumerate(windows):
                 fold = end < L
-                columns, real = tokens.columns(tokens.span(start, end)), tokens.valid[:, start:end]
-                embeds = tokens.embed(tokens.span(start, end))
-                recorder.hidden(0, columns, real, embeds)
-                hidden, *chunk = self._chunk_inputs(embeds, real, state, fold, layout)
-                text = slice(P, P + end - start)
+                embeds = embed_window(i, start, stop)
+                hidden, *chunk = self._chunk_inputs(embeds, tokens.valid[:, start:stop], state, fold, layout, end - start)
                 new_memories = []
                 for layer in range(num_layers):
-                    hidden, new_memory = self._chunk_layer_step(layer, hidden, chunk, state, fold, end - start)
-                    recorder.layer_output(layer, columns, real, hidden, text, chunk[3])
+                    hidden, new_memory = self._chunk_layer_step(layer, hidden, chunk, state, fold, stop - start)
+                    recorder.layer_output(layer, columns[i], real[i], hidden, emitted[i], chunk[3])
                     new_memories.append(new_memory)
-                on_text(columns, real, self.norm(hidden[:, text]))
+                on_text(columns[i], real[i], self.norm(hidden[:, emitted[i]]))
                 if fold:
                     state = self._advance(state, new_memories, self._fold_validity(state, folded, temp_budget))
             return
 
         # Layer-major: every chunk through layer l before layer l+1 (training; it keeps every chunk anyway).
-        columns = [tokens.columns(tokens.span(start, end)) for start, end in bounds]
-        real = [tokens.valid[:, start:end] for start, end in bounds]
-        text_rows = [slice(P, P + end - start) for start, end in bounds]
-
         def record(layer, i, hidden, key_index):
-            recorder.layer_output(layer, columns[i], real[i], hidden, text_rows[i], key_index)
+            recorder.layer_output(layer, columns[i], real[i], hidden, emitted[i], key_index)
 
-        def embed_chunk(i, start, end):
-            embeds = tokens.embed(tokens.span(start, end))
-            recorder.hidden(0, columns[i], real[i], embeds)
-            return embeds
-
-        hiddens, chunks, states = self._layer_major_chunks(embed_chunk, tokens.valid, bounds, L, state, temp_budget)
+        hiddens, chunks, states = self._layer_major_chunks(embed_window, tokens.valid, windows, L, state, temp_budget)
         for layer in range(num_layers):
-            self._layer_over_chunks(layer, hiddens, chunks, states, bounds, L, on_output=record)
-        for i in range(len(bounds)):
-            on_text(columns[i], real[i], self.norm(hiddens[i][:, text_rows[i]]))
+            self._layer_over_chunks(layer, hiddens, chunks, states, windows, L, on_output=record)
+        for i in range(len(windows)):
+            on_text(columns[i], real[i], self.norm(hiddens[i][:, emitted[i]]))
 
     def _layer_major_chunks(
-        self, embed_chunk, valid, bounds, total_length: int, first_state: CometMemoryState, temp_budget: int | None = None
+        self, embed_window, valid, windows, total_length: int, first_state: CometMemoryState, temp_budget: int | None = None
     ):
-        """Inputs of each chunk and the memory state each starts from, for layer-major execution.
+        """Inputs of each window (see `_windows`) and the memory state each starts from, for layer-major execution.
 
-        ``embed_chunk(i, start, end)`` gives chunk i's (B, n, d) input embeddings. Which slots are valid depends only
-        on the chunk index, so every chunk's mask and positions can be built before any layer runs; the states'
-        tensors are filled layer by layer by `_layer_over_chunks`.
+        ``embed_window(i, start, stop)`` gives window i's (B, stop - start, d) input embeddings. Which slots are valid
+        depends only on the chunk index, so every window's mask and positions can be built before any layer runs;
+        the states' tensors are filled layer by layer by `_layer_over_chunks`.
         """
         layout = self._layout(valid.device)
         B = valid.shape[0]
         folded = torch.ones(B, dtype=torch.bool, device=valid.device)
         states, chunks, hiddens = [first_state], [], []
-        for i, (start, end) in enumerate(bounds):
+        for i, (start, end, stop, _) in enumerate(windows):
             fold = end < total_length
-            embeds = embed_chunk(i, start, end)
-            hidden, *chunk = self._chunk_inputs(embeds, valid[:, start:end], states[-1], fold, layout)
+            embeds = embed_window(i, start, stop)
+            hidden, *chunk = self._chunk_inputs(embeds, valid[:, start:stop], states[-1], fold, layout, end - start)
             hiddens.append(hidden)
             chunks.append(chunk)
             nxt = CometMemoryState.empty(self.config, B, embeds.dtype, embeds.device)
@@ -969,11 +998,11 @@ class CometModel(CometPreTrainedModel):
             states.append(nxt)
         return hiddens, chunks, states
 
-    def _layer_over_chunks(self, layer: int, hiddens, chunks, states, bounds, total_length: int, on_output=None) -> None:
-        """Run layer ``layer`` over consecutive chunks, handing each chunk's new memory to the next (in place)."""
-        for i, (start, end) in enumerate(bounds):
+    def _layer_over_chunks(self, layer: int, hiddens, chunks, states, windows, total_length: int, on_output=None) -> None:
+        """Run layer ``layer`` over consecutive windows, handing each chunk's new memory to the next (in place)."""
+        for i, (start, end, stop, _) in enumerate(windows):
             fold = end < total_length
-            hiddens[i], new_memory = self._chunk_layer_step(layer, hiddens[i], chunks[i], states[i], fold, end - start)
+            hiddens[i], new_memory = self._chunk_layer_step(layer, hiddens[i], chunks[i], states[i], fold, stop - start)
             if on_output is not None:
                 on_output(layer, i, hiddens[i], chunks[i][3])
             if fold:
@@ -1060,10 +1089,42 @@ class CometModel(CometPreTrainedModel):
         cache.memory = self._advance(state, new_memories, self._fold_validity(state, samples))
         self._start_windows(cache, samples)
 
+    def _append_to_windows(self, cache: CometCache, hidden, real, on_layer=None) -> torch.Tensor:
+        """Append input states ``hidden`` (B, q, d) to each sample's live window after its ``window_fill`` tokens
+        (rows where ``real`` (B, q) is False are padding), run every layer on them and return the last layer's
+        outputs for them (B, q, d). ``on_layer(layer, hidden, key_index, text_rows)`` sees each layer's output."""
+        layout = self._layout(hidden.device)
+        B, q = real.shape
+        steps = torch.arange(q, device=hidden.device)[None]
+        rank = cache.window_fill[:, None] + steps  # where each query sits in its window's text
+        query_index = torch.where(real, layout.text_start + rank, layout.scratch)
+        written = torch.zeros_like(cache.key_valid).scatter_(1, query_index, real)
+        written[:, layout.scratch] = False
+        cache.key_valid = cache.key_valid | written
+        if cache.delayed_inputs is not None:  # the next chunk's first tokens: kept to read again after the fold
+            C = self.config.chunk_size
+            _scatter_rows(cache.delayed_inputs, (rank - C).clamp(min=0), real & (rank >= C), hidden)
+        slot_positions, text_start = self._slot_positions(cache.memory.slot_valid(self.config.global_mem_size))
+        position_ids = text_start[:, None] + rank
+        slot_rows = layout.num_slots if bool(cache.slots_pending.any()) else 0
+        if slot_rows:  # write the memory slots of windows opened since the last step
+            slot_index = torch.arange(slot_rows, device=hidden.device)[None]
+            query_index = torch.cat([torch.where(cache.slots_pending[:, None], slot_index, layout.scratch), query_index], 1)
+            position_ids = torch.cat([slot_positions, position_ids], 1)
+            hidden = torch.cat([hidden.new_zeros(B, slot_rows, hidden.shape[-1]), hidden], 1)
+            cache.slots_pending = torch.zeros_like(cache.slots_pending)
+        record = None if on_layer is None else partial(on_layer, text_rows=slice(slot_rows, None))
+        outputs = self._cache_step(cache, hidden, query_index, position_ids, slot_rows, on_layer=record)
+        cache.window_fill = cache.window_fill + real.long().sum(1)
+        return outputs[-1][:, slot_rows:]
+
     def _forward_with_cache(self, tokens: _TokenSource, cache: CometCache, on_text, recorder: _OutputRecorder):
-        """Append the input to each sample's window, one window's worth at a time, folding windows as they fill."""
+        """Append the input to each sample's window, one window's worth at a time, folding windows as they fill.
+
+        A window folds its chunk once it also holds the next chunk's first ``fold_delay`` tokens; those are then
+        read again in the new window (see `CometConfig.fold_delay`)."""
         B, L = tokens.batch_size, tokens.length
-        C = self.config.chunk_size
+        W = self.config.window_text
         device = tokens.device
         layout = self._layout(device)
         if not cache.is_initialized:
@@ -1076,38 +1137,27 @@ class CometModel(CometPreTrainedModel):
         cache.record_tokens(tokens.input_ids, L)
         remaining = tokens.valid.long().sum(1)  # valid tokens come first
         consumed = torch.zeros_like(remaining)
-        arange_C = torch.arange(C, device=device)
+        arange_W = torch.arange(W, device=device)
         while bool((consumed < remaining).any()):
-            take = torch.minimum(C - cache.window_fill, remaining - consumed)  # (B,)
-            q = int(take.max())
-            steps = arange_C[:q][None]  # (1, q)
+            take = torch.minimum(W - cache.window_fill, remaining - consumed)  # (B,)
+            steps = arange_W[: int(take.max())][None]  # (1, q)
             real = steps < take[:, None]  # (B, q)
             source = consumed[:, None] + steps
             columns = tokens.columns(source)
             hidden = tokens.embed(source)
             recorder.hidden(0, columns, real, hidden)
-            query_index = torch.where(real, layout.text_start + cache.window_fill[:, None] + steps, layout.scratch)
-            written = torch.zeros_like(cache.key_valid).scatter_(1, query_index, real)
-            written[:, layout.scratch] = False
-            cache.key_valid = cache.key_valid | written
-            slot_valid = cache.memory.slot_valid(self.config.global_mem_size)
-            slot_positions, text_start = self._slot_positions(slot_valid)
-            position_ids = text_start[:, None] + cache.window_fill[:, None] + steps
-            slot_rows = layout.num_slots if bool(cache.slots_pending.any()) else 0
-            if slot_rows:  # write the memory slots of windows opened since the last step
-                slot_index = torch.arange(slot_rows, device=device)[None]
-                query_index = torch.cat([torch.where(cache.slots_pending[:, None], slot_index, layout.scratch), query_index], 1)
-                position_ids = torch.cat([slot_positions, position_ids], 1)
-                hidden = torch.cat([hidden.new_zeros(B, slot_rows, hidden.shape[-1]), hidden], 1)
-                cache.slots_pending = torch.zeros_like(cache.slots_pending)
-            record = partial(recorder.layer_output, columns=columns, real=real, query_rows=slice(slot_rows, None))
-            outputs = self._cache_step(cache, hidden, query_index, position_ids, slot_rows, on_layer=record)
-            on_text(columns, real, self.norm(outputs[-1][:, slot_rows:]))
-            cache.window_fill = cache.window_fill + take
+
+            def record(layer, hidden, key_index, text_rows, columns=columns, real=real):
+                recorder.layer_output(layer, columns, real, hidden, text_rows, key_index)
+
+            on_text(columns, real, self.norm(self._append_to_windows(cache, hidden, real, on_layer=record)))
             consumed = consumed + take
-            full = cache.window_fill >= C
+            full = cache.window_fill >= W
             if bool(full.any()):
                 self._fold_windows(cache, full)
+                if cache.delayed_inputs is not None:  # read the delayed tokens again, now after the fold
+                    delayed = full[:, None].expand(-1, self.config.fold_delay)
+                    self._append_to_windows(cache, cache.delayed_inputs[:, :-1].clone(), delayed)
 
     # ------------------------------------------------------------------ entry points
     def _stream(

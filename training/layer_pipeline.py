@@ -160,17 +160,17 @@ def layer_pipeline_forward(
                          f"got {temp_budget}")
     valid = torch.ones(B, L, dtype=torch.bool, device=device) if attention_mask is None else attention_mask[:, -L:].bool()
     tokens = _TokenSource(backbone.embed_tokens, input_ids, None, valid)
-    bounds = [(s, min(s + C, L)) for s in range(0, L, C)]
-    sizes = split_chunks(len(bounds), world, L, C)
+    windows = backbone._windows(L)  # (start, end, stop, emit): see CometModel._windows
+    sizes = split_chunks(len(windows), world, L, C)
     first = sum(sizes[:rank])
-    mine = bounds[first : first + sizes[rank]]
+    mine = windows[first : first + sizes[rank]]
 
     folded = torch.ones(B, dtype=torch.bool, device=device)
     first_state = CometMemoryState.empty(config, B, dtype, device)
     for _ in range(first):  # the slots valid at this rank's first chunk depend only on its index
         first_state.global_valid, first_state.temp_valid = backbone._fold_validity(first_state, folded, temp_budget)
     hiddens, chunks, states = backbone._layer_major_chunks(
-        lambda i, start, end: tokens.embed(tokens.span(start, end)), tokens.valid, mine, L, first_state, temp_budget
+        lambda i, start, stop: tokens.embed(tokens.span(start, stop)), tokens.valid, mine, L, first_state, temp_budget
     )
 
     # A leaf that requires grad: every receive and send joins the graph and runs in backward on every rank, even
@@ -199,9 +199,9 @@ def layer_pipeline_forward(
     K = min(int(logits_to_keep), L)
     kept = torch.zeros(B, K + 1, config.base_config.hidden_size, dtype=dtype, device=device) if K else None
     loss_sum = anchor * 0
-    for i, (start, end) in enumerate(mine):
-        columns, real = tokens.columns(tokens.span(start, end)), tokens.valid[:, start:end]
-        text = backbone.norm(hiddens[i][:, P : P + end - start])
+    for i, (start, _, stop, emit) in enumerate(mine):
+        columns, real = tokens.columns(tokens.span(emit, stop)), tokens.valid[:, emit:stop]
+        text = backbone.norm(hiddens[i][:, P + emit - start : P + stop - start])
         if kept is not None:
             slot = torch.where(real & (columns >= L - K), columns - (L - K), K)
             kept.scatter_(1, slot[..., None].expand_as(text), text.detach().to(dtype))
