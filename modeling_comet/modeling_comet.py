@@ -1138,26 +1138,35 @@ class CometModel(CometPreTrainedModel):
         remaining = tokens.valid.long().sum(1)  # valid tokens come first
         consumed = torch.zeros_like(remaining)
         arange_W = torch.arange(W, device=device)
-        while bool((consumed < remaining).any()):
-            take = torch.minimum(W - cache.window_fill, remaining - consumed)  # (B,)
-            steps = arange_W[: int(take.max())][None]  # (1, q)
-            real = steps < take[:, None]  # (B, q)
-            source = consumed[:, None] + steps
+        D = self.config.fold_delay
+        reread = torch.zeros(B, dtype=torch.bool, device=device)  # windows just reopened: delayed tokens to read again
+        while bool((consumed < remaining).any() or reread.any()):
+            # One pass per window: a reopened window first reads its delayed tokens again (not emitted), then new ones.
+            n_again = reread.long() * D  # (B,)
+            take = torch.minimum(W - cache.window_fill - n_again, remaining - consumed)  # (B,)
+            steps = arange_W[: int((n_again + take).max())][None]  # (1, q)
+            again = steps < n_again[:, None]
+            real = ~again & (steps < (n_again + take)[:, None])  # (B, q) new tokens
+            source = (consumed[:, None] + steps - n_again[:, None]).clamp(min=0)
             columns = tokens.columns(source)
             hidden = tokens.embed(source)
             recorder.hidden(0, columns, real, hidden)
+            if D and bool(again.any()):
+                stored = cache.delayed_inputs[:, : steps.shape[1]] if steps.shape[1] <= D else torch.cat(
+                    [cache.delayed_inputs[:, :D], hidden.new_zeros(B, steps.shape[1] - D, hidden.shape[-1])], 1
+                )
+                hidden = torch.where(again[..., None], stored.to(hidden.dtype), hidden)
 
             def record(layer, hidden, key_index, text_rows, columns=columns, real=real):
                 recorder.layer_output(layer, columns, real, hidden, text_rows, key_index)
 
-            on_text(columns, real, self.norm(self._append_to_windows(cache, hidden, real, on_layer=record)))
+            out = self._append_to_windows(cache, hidden, again | real, on_layer=record)
+            on_text(columns, real, self.norm(out))
             consumed = consumed + take
-            full = cache.window_fill >= W
-            if bool(full.any()):
-                self._fold_windows(cache, full)
-                if cache.delayed_inputs is not None:  # read the delayed tokens again, now after the fold
-                    delayed = full[:, None].expand(-1, self.config.fold_delay)
-                    self._append_to_windows(cache, cache.delayed_inputs[:, :-1].clone(), delayed)
+            reread = cache.window_fill >= W
+            if bool(reread.any()):
+                self._fold_windows(cache, reread)
+            reread = reread & (D > 0)
 
     # ------------------------------------------------------------------ entry points
     def _stream(
@@ -1608,16 +1617,17 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         progress: bool = False,
     ) -> CometCache:
-        """Read ``input_ids`` into a cache one chunk at a time (optionally with a progress bar) and return it.
+        """Read ``input_ids`` into a cache (optionally with a progress bar) and return it.
 
-        Continue with ``generate(full_input_ids, cache=cache, ...)``: generate only feeds the tokens the
-        cache has not seen. Reading everything but the last prompt token leaves it for generate to feed.
+        Each call of the model reads 8 chunks, one window at a time, so that memory stays constant; the progress bar
+        moves by 8 chunks. Continue with ``generate(full_input_ids, cache=cache, ...)``: generate only feeds the
+        tokens the cache has not seen. Reading everything but the last prompt token leaves it for generate to feed.
         Padding must be on the left (as generate expects), so that every chunk holds real tokens.
         """
         from transformers.utils.logging import tqdm
 
         cache = cache if cache is not None else CometCache()
-        step = self.config.chunk_size
+        step = 8 * self.config.chunk_size  # (with fold_delay, a call ending on a fold reads the delayed tokens alone)
         length = input_ids.shape[1]
         with tqdm(total=length, unit="tok", desc="CoMeT reading", disable=not progress) as bar:
             for start in range(0, length, step):
