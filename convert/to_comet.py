@@ -128,6 +128,7 @@ MEMORY_SIZE_LIMITS = {  # field: smallest allowed value (temp_beacon_stride also
     "temp_beacon_stride": 1,
     "temp_mem_budget": 1,
     "adapter_rank": 1,
+    "fold_delay": 0,
 }
 
 
@@ -146,6 +147,9 @@ def check_memory_fields(fields: dict) -> None:
     chunk, stride = fields.get("chunk_size"), fields.get("temp_beacon_stride")
     if not errors and isinstance(chunk, int) and isinstance(stride, int) and stride > 0 and chunk % stride:
         errors.append(f"temp_beacon_stride ({stride}) must divide chunk_size ({chunk})")
+    delay = fields.get("fold_delay")
+    if not errors and isinstance(chunk, int) and isinstance(delay, int) and delay >= chunk:
+        errors.append(f"fold_delay ({delay}) must be smaller than chunk_size ({chunk})")
     if errors:
         raise ValueError("; ".join(errors))
 
@@ -263,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how the global memory is written (CometConfig.global_write)")
     parser.add_argument("--temp-write", choices=["beacon", "tail"], default="beacon",
                         help="what the temporary memory keeps (CometConfig.temp_write)")
+    parser.add_argument("--fold-delay", type=int, default=0,
+                        help="tokens of the next chunk read beside a full chunk before it folds (CometConfig.fold_delay)")
     parser.add_argument("--memory-weights", default=None, help="trained comet_memory.* safetensors to load")
     parser.add_argument(
         "--trained-weights", default=None, help="trained memory + LoRA file (training.export_weights) to apply"
@@ -292,6 +298,7 @@ def main(argv: list[str] | None = None) -> Path:
         position_layout=args.position_layout,
         global_write=args.global_write,
         temp_write=args.temp_write,
+        fold_delay=args.fold_delay,
         memory_weights=args.memory_weights,
         trained_weights=args.trained_weights,
         overwrite=args.overwrite,

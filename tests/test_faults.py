@@ -133,6 +133,8 @@ def test_a_failed_write_leaves_the_old_checkpoint_and_no_temporary_folder(base, 
         (["{base}", "{tmp}/out", "--chunk-size", "0"], "chunk_size must be at least 1, got 0"),
         (["{base}", "{tmp}/out", "--chunk-size", "10", "--temp-beacon-stride", "4"], "must divide chunk_size"),
         (["{base}", "{tmp}/out", "--temp-mem-budget", "0", "--global-mem-size", "-1"], "global_mem_size must be"),
+        (["{base}", "{tmp}/out", "--chunk-size", "16", "--fold-delay", "16"], "fold_delay (16) must be smaller than"),
+        (["{base}", "{tmp}/out", "--fold-delay", "-2"], "fold_delay must be at least 0, got -2"),
         (["{base}", "{tmp}/out", "--memory-weights", "{tmp}/none.safetensors"], "memory weights not found"),
     ],
 )

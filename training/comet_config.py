@@ -32,6 +32,8 @@ class CometTrainingConfig(TrainingArguments):
         temp_write (`str`, *optional*, defaults to `"beacon"`):
             What a new model's temporary memory keeps (`CometConfig.temp_write`): `"beacon"` (beacon outputs) or
             `"tail"` (the input states of each chunk's last tokens, so a new window keeps its immediate context).
+        fold_delay (`int`, *optional*, defaults to 0):
+            Tokens of the next chunk a new model reads beside a full chunk before it folds (`CometConfig.fold_delay`).
         window_select_weight (`float`, *optional*, defaults to 0.0):
             `global_write="window"` with recall tasks: adds this weight × the cross-entropy of every layer's window
             choice, in the chunk that holds each asked fact, against the window that ends with the fact's answer
@@ -146,6 +148,7 @@ class CometTrainingConfig(TrainingArguments):
     temp_mem_budget: int = field(default=64, metadata={"help": "temporary memory entries kept (new models)"})
     global_write: str = field(default="readout", metadata={"help": "readout or window (new models)"})
     temp_write: str = field(default="beacon", metadata={"help": "beacon or tail (new models)"})
+    fold_delay: int = field(default=0, metadata={"help": "tokens of the next chunk read before a chunk folds (new models)"})
     window_select_weight: float = field(default=0.0, metadata={"help": "supervision of the window choice"})
     train_files: str | None = field(default=None, metadata={"help": "comma-separated local text files"})
     dataset_name: str | None = field(default=None, metadata={"help": "a datasets source (name or path)"})

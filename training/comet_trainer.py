@@ -87,6 +87,7 @@ def build_model(config: CometTrainingConfig):
             temp_mem_budget=config.temp_mem_budget,
             global_write=config.global_write,
             temp_write=config.temp_write,
+            fold_delay=config.fold_delay,
         )
     if config.window_select_weight and model.config.global_write != "window":
         raise ValueError("window_select_weight supervises the window choice of a model with global_write='window'; "
