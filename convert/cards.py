@@ -28,7 +28,7 @@ METHODS = {
         "pipeline_tag": "text-generation",
         "tags": ["custom_code", "comet", "long-context", "memory"],
         "fields": ("chunk_size", "global_mem_size", "temp_beacon_stride", "temp_mem_budget", "adapter_rank",
-                   "position_layout", "global_write", "temp_write"),
+                   "position_layout", "global_write", "temp_write", "fold_delay"),
     },
     "ram": {
         "template": "ram.md",

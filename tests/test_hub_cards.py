@@ -141,7 +141,7 @@ def test_comet_card_says_how_the_memory_is_written(monkeypatch):
     tail = " ".join(str(render_card(config, BASE, model_name="x", repo_id="me/x")).split())
     assert "soft choice of 8 consecutive token states" in tail and "each chunk's last 16 tokens" in tail
     assert "beacon every" not in tail
-    assert "fold_delay" not in tail
+    assert "folds into memory only after" not in tail
     config.fold_delay = 32
     delayed = " ".join(str(render_card(config, BASE, model_name="x", repo_id="me/x")).split())
     assert "only after the next 32 tokens were read beside it (`fold_delay`)" in delayed
