@@ -67,3 +67,21 @@ def test_default_comet_checkpoint_stays_close_to_smollm2_within_one_chunk(tokeni
         if not RECALL_WEIGHTS.is_file():
             torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-4, rtol=0)
     assert float(ours) <= 1.02 * float(theirs), (float(ours), float(theirs))
+
+
+def test_the_default_answers_a_question_that_ends_on_a_chunk_boundary():
+    """A passkey prompt of exactly 8 chunks (2,048 tokens) ends on a fold: every answer token after the first is
+    generated in a new window. With the default's `fold_delay`, those tokens still see the question's chunk as text,
+    and the answer is the key followed by its full stop. (Without the delay this CPU gave ' 270499999' for the key
+    at depth 0.5: right digits that do not stop.)"""
+    from evaluation.passkey import PasskeyPrompt, generate_answer
+
+    folder = comet_default_path()
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).eval()
+    assert model.config.fold_delay == DEFAULT_MEMORY["fold_delay"] > 0
+    prompt = PasskeyPrompt.from_tokenizer(tokenizer := AutoTokenizer.from_pretrained(folder))
+    for depth, key in ((0.5, "27049"), (0.8, "90512")):
+        ids = prompt.build(key, 8 * model.config.chunk_size, depth)
+        assert len(ids) % model.config.chunk_size == 0
+        answer = generate_answer(model, tokenizer, ids, max_new_tokens=8)
+        assert answer.strip().startswith(key + "."), (depth, answer)
