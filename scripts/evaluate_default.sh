@@ -5,14 +5,15 @@
 #   bash scripts/evaluate_default.sh b     # passkey at 128k and 64k (5 depths), recall diagnostics, the 32k demo
 #   bash scripts/evaluate_default.sh merge # after both: one 1k-128k passkey heatmap (passkey_1k_128k/)
 #   bash scripts/evaluate_default.sh all   # both, one after the other, then the merge
-# OUT (default results/default_eval_read256: the shipped weights read with 256-token chunks) names the folder; every
-# result lands in its own subfolder. results/default_eval_stage4/ holds the same weights read with 64-token chunks (as
-# trained), results/default_eval/ the previous default (recall stage 3). The CLIs resume a partial result only from
+# OUT (default results/default_eval_delay32: the shipped weights read with 256-token chunks and fold_delay=32) names
+# the folder; every result lands in its own subfolder. results/default_eval_read256/ holds the same weights read with
+# 256-token chunks without the delay, results/default_eval_stage4/ read with 64-token chunks (as trained),
+# results/default_eval/ the previous default (recall stage 3). The CLIs resume a partial result only from
 # the same weights (a fingerprint of config and safetensors); they refuse one written by others.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-OUT=${OUT:-results/default_eval_read256}
+OUT=${OUT:-results/default_eval_delay32}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 
