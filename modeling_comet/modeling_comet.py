@@ -1294,7 +1294,7 @@ class CometModel(CometPreTrainedModel):
             position_ids: not a parameter (ignored if passed): CoMeT assigns positions per chunk, restarting in every
                 chunk. Leaving it out of the signature also keeps `generate` from building whole-length position ids.
             cache (`CometCache`, *optional*): generation state; when given (or `use_cache=True`), the input is
-                appended to it and the live window folds into memory whenever it reaches `chunk_size`.
+                appended to it and the live window folds into memory whenever it reaches `chunk_size` (plus `fold_delay`).
             output_attentions (`bool`, *optional*): return, per layer, a `(batch_size, num_heads, sequence_length,
                 window_size)` tensor: each text token's attention weights over its chunk's window indices (memory
                 slots, text, beacons, readouts; see `CometWindowLayout`), zero where it does not attend. Needs the
@@ -1472,7 +1472,7 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
             position_ids: not a parameter (ignored if passed): CoMeT assigns positions per chunk, restarting in every
                 chunk. Leaving it out of the signature also keeps `generate` from building whole-length position ids.
             cache (`CometCache`, *optional*): generation state; when given (or `use_cache=True`), the input is
-                appended to it and the live window folds into memory whenever it reaches `chunk_size`.
+                appended to it and the live window folds into memory whenever it reaches `chunk_size` (plus `fold_delay`).
             labels (`torch.LongTensor`, *optional*): next-token targets over the text (-100 ignored). The loss is
                 computed chunk by chunk, so no full-length logits are needed for it.
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0): keep logits for only the last
