@@ -328,6 +328,8 @@ class CometCache(Cache):
         # fold_delay > 0: input states of the next chunk's first tokens, read beside the full chunk and read again
         # once it folds (B, fold_delay + 1, d)
         self.delayed_inputs: torch.Tensor | None = None
+        # (B,) windows folded at the end of the last call whose delayed tokens are read again with the next input
+        self.reread_pending: torch.Tensor | None = None
         self.seen_tokens = 0  # input columns consumed, padding included (what generate slices by)
         self.model_fingerprint: str | None = None  # hash of the configuration of the model that built it
         self._write_index: torch.Tensor | None = None
@@ -385,6 +387,7 @@ class CometCache(Cache):
             text_shape = (batch_size, config.chunk_size + 1, base.hidden_size)  # the last row: a write sink
             self.text_states = [torch.zeros(text_shape, dtype=dtype, device=device) for _ in range(base.num_hidden_layers)]
         self.delayed_inputs = None
+        self.reread_pending = torch.zeros(batch_size, dtype=torch.bool, device=device)
         if config.fold_delay:
             self.delayed_inputs = torch.zeros(batch_size, config.fold_delay + 1, base.hidden_size, dtype=dtype, device=device)
         self.seen_tokens = 0
@@ -432,7 +435,7 @@ class CometCache(Cache):
         if self.memory is None:
             return 0
         buffers = [*self.keys, *self.values, self.key_valid, self.window_fill, self.token_hash, self.slots_pending]
-        buffers += [] if self.delayed_inputs is None else [self.delayed_inputs]
+        buffers += [] if self.delayed_inputs is None else [self.delayed_inputs, self.reread_pending]
         return self.memory.nbytes() + sum(t.numel() * t.element_size() for t in buffers)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -446,6 +449,7 @@ class CometCache(Cache):
         named.update({f"text_states.{i}": t for i, t in enumerate(self.text_states)})
         if self.delayed_inputs is not None:
             named["delayed_inputs"] = self.delayed_inputs
+            named["reread_pending"] = self.reread_pending
         return named
 
     @classmethod
@@ -468,6 +472,7 @@ class CometCache(Cache):
         cache.key_valid, cache.window_fill, cache.token_hash = named["key_valid"], named["window_fill"], named["token_hash"]
         cache.slots_pending = named["slots_pending"]
         cache.delayed_inputs = named.get("delayed_inputs")
+        cache.reread_pending = named.get("reread_pending", torch.zeros_like(cache.slots_pending))
         cache.seen_tokens, cache.model_fingerprint = seen_tokens, model_fingerprint
         return cache
 
@@ -1139,9 +1144,11 @@ class CometModel(CometPreTrainedModel):
         consumed = torch.zeros_like(remaining)
         arange_W = torch.arange(W, device=device)
         D = self.config.fold_delay
-        reread = torch.zeros(B, dtype=torch.bool, device=device)  # windows just reopened: delayed tokens to read again
-        while bool((consumed < remaining).any() or reread.any()):
+        reread = cache.reread_pending  # windows reopened by a fold: their delayed tokens are still to be read again
+        while bool((consumed < remaining).any()):
             # One pass per window: a reopened window first reads its delayed tokens again (not emitted), then new ones.
+            # A fold at the end of the input leaves that to the next call, so that reading window-sized pieces
+            # (`read`) costs one pass of chunk_size + fold_delay tokens per chunk.
             n_again = reread.long() * D  # (B,)
             take = torch.minimum(W - cache.window_fill - n_again, remaining - consumed)  # (B,)
             steps = arange_W[: int((n_again + take).max())][None]  # (1, q)
@@ -1167,6 +1174,7 @@ class CometModel(CometPreTrainedModel):
             if bool(reread.any()):
                 self._fold_windows(cache, reread)
             reread = reread & (D > 0)
+        cache.reread_pending = reread
 
     # ------------------------------------------------------------------ entry points
     def _stream(
@@ -1619,19 +1627,19 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
     ) -> CometCache:
         """Read ``input_ids`` into a cache (optionally with a progress bar) and return it.
 
-        Each call of the model reads 8 chunks, one window at a time, so that memory stays constant; the progress bar
-        moves by 8 chunks. Continue with ``generate(full_input_ids, cache=cache, ...)``: generate only feeds the
-        tokens the cache has not seen. Reading everything but the last prompt token leaves it for generate to feed.
-        Padding must be on the left (as generate expects), so that every chunk holds real tokens.
+        Each call of the model reads one window: ``chunk_size + fold_delay`` tokens first, then ``chunk_size``
+        (with the delayed tokens read again, that is one window's pass each). Continue with
+        ``generate(full_input_ids, cache=cache, ...)``: generate only feeds the tokens the cache has not seen. Reading
+        everything but the last prompt token leaves it for generate to feed. Padding must be on the left (as
+        generate expects), so that every chunk holds real tokens.
         """
         from transformers.utils.logging import tqdm
 
         cache = cache if cache is not None else CometCache()
-        step = 8 * self.config.chunk_size  # (with fold_delay, a call ending on a fold reads the delayed tokens alone)
-        length = input_ids.shape[1]
+        C, length = self.config.chunk_size, input_ids.shape[1]
+        starts = [0, *range(C + self.config.fold_delay, length, C)] if length else []
         with tqdm(total=length, unit="tok", desc="CoMeT reading", disable=not progress) as bar:
-            for start in range(0, length, step):
-                end = min(start + step, length)
+            for start, end in zip(starts, [*starts[1:], length], strict=True):
                 mask = None if attention_mask is None else attention_mask[:, :end]
                 self(input_ids[:, start:end], attention_mask=mask, cache=cache, logits_to_keep=1)
                 bar.update(end - start)

@@ -103,19 +103,24 @@ def test_every_path_agrees_with_a_delay(kind):
     assert torch.equal(rescored, generated[:, prompt.shape[1] :])
 
 
-def test_a_saved_state_inside_the_delay_continues_exactly(tmp_path):
+@pytest.mark.parametrize("length", [2 * C + 2, 2 * C + D])
+def test_a_saved_state_inside_the_delay_continues_exactly(tmp_path, length):
+    """Saved while chunk 1 waits for its delayed tokens (2C + 2), or right after it folded, its delayed tokens not yet
+    read again (2C + D: that happens with the next input): loaded, it continues as the live state does, and as reading
+    everything in one call does."""
     model = with_fields(tiny_comet(global_write="window", temp_write="tail"), fold_delay=D)
-    ids = random_ids(1, 2 * C + 2)  # the window holds chunk 1 and two delayed tokens: chunk 1 has not folded yet
+    ids = random_ids(1, length)
+    more = random_ids(1, C, seed=7)
+    full = torch.cat([ids, more], 1)
     with torch.no_grad():
         state = model.read(ids)
-        assert int(state.window_fill) == C + 2
+        assert (int(state.window_fill), bool(state.reread_pending)) == ((C + 2, False) if length % C == 2 else (0, True))
         state.save(tmp_path / "state.safetensors")
         loaded = CometCache.load(tmp_path / "state.safetensors")
-        more = random_ids(1, C, seed=7)
-        full = torch.cat([ids, more], 1)
         a = model.generate(full, cache=state, max_new_tokens=6, do_sample=False, pad_token_id=0)
         b = model.generate(full, cache=loaded, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(a, b)
+        c = model.generate(full, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b) and torch.equal(a, c)
     with pytest.raises(ValueError, match="different configuration"):
         with_fields(model, fold_delay=0).generate(full, cache=CometCache.load(tmp_path / "state.safetensors"))
 
@@ -124,3 +129,20 @@ def test_a_saved_state_inside_the_delay_continues_exactly(tmp_path):
 def test_a_delay_outside_the_chunk_is_refused(bad):
     with pytest.raises(ValueError, match="fold_delay"):
         tiny_comet(fold_delay=bad)
+
+
+def test_read_runs_one_window_pass_per_chunk():
+    """`read` hands the model window-sized pieces and the delayed tokens are read again in the next chunk's pass, so
+    reading costs one pass of C + D rows per chunk (not a separate pass of D rows)."""
+    model = with_fields(tiny_comet(global_write="window", temp_write="tail"), fold_delay=D)
+    passes = []
+    append = model.model._append_to_windows
+
+    def counting(cache, hidden, real, on_layer=None):
+        passes.append(hidden.shape[1])
+        return append(cache, hidden, real, on_layer=on_layer)
+
+    model.model._append_to_windows = counting
+    with torch.no_grad():
+        model.read(random_ids(1, 5 * C + D))
+    assert passes == [C + D] * 5
