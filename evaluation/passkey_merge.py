@@ -6,6 +6,8 @@
 Each input folder holds a complete ``passkey.json``. The runs must share their depths, samples, seed, answer length,
 prompt and dtype; a (model, length) column may come from one run only. A model missing from a run's lengths shows
 as "not run" in the heatmap. The merged ``passkey.json`` lists the folders it came from (``merged_from``).
+``--name MODEL=LABEL`` shows a model (e.g. one run from a temporary folder) under a readable label; the label must
+not be another model's name.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from .passkey import accuracy_summary, format_length, plot
 SHARED = ("depths", "samples", "seed", "max_new_tokens", "prompt", "dtype")
 
 
-def merge(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The merged result of ``runs`` (folder name → its ``passkey.json``)."""
+def merge(runs: dict[str, dict[str, Any]], names: dict[str, str] | None = None) -> dict[str, Any]:
+    """The merged result of ``runs`` (folder name → its ``passkey.json``), models renamed by ``names``."""
     if not runs:
         raise ValueError("nothing to merge: give at least one passkey result folder")
     first_name, first = next(iter(runs.items()))
@@ -61,6 +63,14 @@ def merge(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         merged["cells"].sort(key=lambda cell: (cell["length"], cell["depth"]))
         merged.update(accuracy_summary(merged["accuracy"]))
         merged["seconds"] = round(merged["seconds"], 1)
+    if names:
+        unknown = sorted(set(names) - set(models))
+        if unknown:
+            raise ValueError(f"--name gives labels to {unknown}, which no run holds (models: {sorted(models)})")
+        labels = [names.get(model, model) for model in models]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"--name would give two models the same label: {labels}")
+        models = {names.get(model, model): result for model, result in models.items()}
     return {"complete": True, "merged_from": list(runs), "lengths": lengths,
             **{key: first[key] for key in SHARED}, "models": models}  # fmt: skip
 
@@ -70,7 +80,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("folders", nargs="+", help="folders of complete passkey runs (each with passkey.json)")
     parser.add_argument("--output-dir", required=True, help="folder for the merged passkey.json and passkey.png")
     parser.add_argument("--overwrite", action="store_true", help="replace a merged result already there")
+    parser.add_argument("--name", action="append", default=[], metavar="MODEL=LABEL",
+                        help="show MODEL under LABEL (repeatable)")
     args = parser.parse_args(argv)
+    names = {}
+    for item in args.name:
+        model, sep, label = item.partition("=")
+        if not sep or not model or not label:
+            raise ValueError(f"--name takes MODEL=LABEL, got {item!r}")
+        names[model] = label
     runs = {}
     for folder in args.folders:
         path = Path(folder) / "passkey.json"
@@ -81,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     target = output_dir / "passkey.json"
     if target.exists() and not args.overwrite:
         raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-    merged = merge(runs)
+    merged = merge(runs, names)
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(target, merged)
     plot(merged["models"], merged["lengths"], merged["depths"], output_dir / "passkey.png")

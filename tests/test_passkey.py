@@ -141,6 +141,12 @@ def test_merge_joins_runs_of_different_lengths_into_one_grid(tmp_path):
     assert (tmp_path / "m" / "passkey.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(FileExistsError, match="--overwrite"):
         passkey_merge.main([str(tmp_path / "a"), "--output-dir", str(tmp_path / "m")])
+    named = passkey_merge.main([str(tmp_path / "a"), "--output-dir", str(tmp_path / "n"), "--name", f"{long}=long"])
+    assert sorted(named["models"]) == sorted(["long", str(short)])
+    assert named["models"]["long"]["accuracy"] == [[1.0], [1.0]] and named["lengths"] == [300]
+    for bad, message in ((f"{tmp_path}/nope=x", "no run holds"), (f"{long}={short}", "same label"), ("x", "MODEL=LABEL")):
+        with pytest.raises(ValueError, match=message):
+            passkey_merge.main([str(tmp_path / "a"), "--output-dir", str(tmp_path / "o"), "--name", bad])
     import shutil
 
     shutil.copytree(tmp_path / "b", tmp_path / "b2")
