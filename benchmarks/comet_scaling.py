@@ -14,6 +14,9 @@ invocation, with the same thread count.
   16, budget 64) vs full attention (sdpa), 1k to 32k tokens (full attention stops at `--base-max`).
 * suite `tiny`: a 2-layer, d=64 Llama, CoMeT vs full attention, 8k to 1M tokens.
 
+`--memory-fields` sets other memory fields for both (e.g. the shipped default's `global_write=window temp_write=tail
+fold_delay=32`); the memory is freshly initialised either way, which does not change the time or memory.
+
 `--dtypes` (default float32) lists the weight dtypes to measure, each point in each; with more than one, the
 summary reports every dtype's targets and the speed-up of each dtype over the first at every point.
 
@@ -83,6 +86,21 @@ def run_worker(worker: str, spec: dict, threads: int, timeout: int) -> dict:
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def parse_fields(items: list[str]) -> dict:
+    """``["global_write=window", "fold_delay=32"]`` -> ``{"global_write": "window", "fold_delay": 32}``; the fields are
+    checked by building a model's configuration in the worker, names here."""
+    from modeling_comet import CometConfig
+
+    known = {name for name in CometConfig.__dataclass_fields__} - {"base_config"}
+    fields = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in known:
+            raise ValueError(f"--memory-fields takes FIELD=VALUE with a CometConfig field, got {item!r}")
+        fields[name] = int(value) if value.lstrip("-").isdigit() else value
+    return fields
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -209,7 +227,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtypes", type=parse_dtypes, default=["float32"],
                         help="weight dtypes to measure, e.g. float32,bfloat16 (bf16 is fast only on CPUs with "
                              "AVX512-BF16/AMX and on Ampere+ GPUs)")
+    parser.add_argument("--memory-fields", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="CoMeT fields over the default memory of both suites, e.g. global_write=window "
+                             "temp_write=tail fold_delay=32 (the shipped default's reading)")
     args = parser.parse_args(argv)
+    overrides = parse_fields(args.memory_fields)
+    smollm2_memory, tiny_memory = {**SMOLLM2_MEMORY, **overrides}, {**TINY_MEMORY, **overrides}
     if args.long_repeats is None:
         args.long_repeats = args.repeats
 
@@ -217,9 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
     results: list[dict] = []
     suites = []
     if args.suite in ("all", "smollm2"):
-        suites.append(("smollm2", args.smollm2_lengths, args.base_max, SMOLLM2_MEMORY))
+        suites.append(("smollm2", args.smollm2_lengths, args.base_max, smollm2_memory))
     if args.suite in ("all", "tiny"):
-        suites.append(("tiny", args.tiny_lengths, args.tiny_base_max, TINY_MEMORY))
+        suites.append(("tiny", args.tiny_lengths, args.tiny_base_max, tiny_memory))
     total = len(args.dtypes) * sum(len(lengths) + sum(1 for n in lengths if n <= bmax) for _, lengths, bmax, _ in suites)
     def save():
         report.update(results=results, summary=summarise(results, args.dtypes))
@@ -227,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
         plot(results, args.output_dir / "comet_scaling.png")
 
     report = {"threads": args.threads, "repeats": args.repeats, "dtypes": args.dtypes,
-              "memory": {"smollm2": SMOLLM2_MEMORY, "tiny": TINY_MEMORY}}
+              "memory": {"smollm2": smollm2_memory, "tiny": tiny_memory}}
     with tqdm(total=total, desc="benchmark", unit="run") as progress:
         for name, lengths, base_max, memory in suites:
             run_suite(name, lengths, base_max, memory, args.repeats, args.long_repeats, args.long_from, args.threads,

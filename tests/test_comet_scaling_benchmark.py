@@ -35,3 +35,11 @@ def test_summary_reports_each_dtype_and_the_speedup_over_the_first():
     # One dtype: the flat summary the recorded results have; results from before --dtypes count as float32.
     legacy = [point("comet", 8192, None, 1.0), point("comet", 32768, None, 4.4)]
     assert comet_scaling.summarise(legacy)["tiny_time_per_token_ratio"]["ratio"] == pytest.approx(1.1)
+
+
+def test_memory_fields_option_parses_values_and_refuses_unknown_fields():
+    fields = comet_scaling.parse_fields(["global_write=window", "temp_write=tail", "fold_delay=32"])
+    assert fields == {"global_write": "window", "temp_write": "tail", "fold_delay": 32}
+    for bad in ("chunk=256", "fold_delay", "base_config=x"):
+        with pytest.raises(ValueError, match="FIELD=VALUE with a CometConfig field"):
+            comet_scaling.parse_fields([bad])
