@@ -88,15 +88,12 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import modeling_comet  # noqa: F401  (registers CoMeT with the Auto classes)
-    from training.comet_config import CometTrainingConfig
-    from training.comet_trainer import load_texts, pack_samples
+    from benchmarks.comet_lm_loss import held_out_samples
 
     path, _ = resolve_model_path(args.model)
     dtype = resolve_dtype(args.dtype, "cpu")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    config = CometTrainingConfig(output_dir="unused", seed=args.seed, report_to="none")
-    data = pack_samples(load_texts(config), tokenizer, args.sample_tokens).shuffle(seed=args.seed)
-    samples = [torch.tensor([row]) for row in data.select(range(args.eval_samples))["input_ids"]]
+    samples = held_out_samples(tokenizer, args.sample_tokens, args.eval_samples, args.seed)
     models = {d: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, fold_delay=d).eval() for d in args.delays}
     chunk = models[args.delays[0]].config.chunk_size
 

@@ -27,6 +27,14 @@ from training.comet_config import CometTrainingConfig
 from training.comet_trainer import load_texts, pack_samples
 
 
+def held_out_samples(tokenizer, sample_tokens: int, count: int, seed: int = 0) -> list[torch.Tensor]:
+    """``count`` (1, sample_tokens) samples of `training.comet_trainer`'s text, packed and shuffled as the trainer
+    does with ``seed``: the samples this module scores on."""
+    config = CometTrainingConfig(output_dir="unused", seed=seed, report_to="none")
+    data = pack_samples(load_texts(config), tokenizer, sample_tokens).shuffle(seed=seed)
+    return [torch.tensor([row]) for row in data.select(range(count))["input_ids"]]
+
+
 def chunk_losses(logits: torch.Tensor, ids: torch.Tensor, chunk: int, first: int = 1) -> list[float]:
     """Mean next-token loss of each chunk from chunk ``first`` on (targets inside the chunk)."""
     out = []
@@ -50,9 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    config = CometTrainingConfig(output_dir="unused", seed=args.seed, report_to="none")
-    data = pack_samples(load_texts(config), tokenizer, args.sample_tokens).shuffle(seed=args.seed)
-    samples = [torch.tensor([row]) for row in data.select(range(args.eval_samples))["input_ids"]]
+    samples = held_out_samples(tokenizer, args.sample_tokens, args.eval_samples, args.seed)
 
     base = AutoModelForCausalLM.from_pretrained(smollm2_path()).eval()
     models = {folder: AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=args.trust_remote_code).eval()

@@ -1158,11 +1158,9 @@ class CometModel(CometPreTrainedModel):
             columns = tokens.columns(source)
             hidden = tokens.embed(source)
             recorder.hidden(0, columns, real, hidden)
-            if D and bool(again.any()):
-                stored = cache.delayed_inputs[:, : steps.shape[1]] if steps.shape[1] <= D else torch.cat(
-                    [cache.delayed_inputs[:, :D], hidden.new_zeros(B, steps.shape[1] - D, hidden.shape[-1])], 1
-                )
-                hidden = torch.where(again[..., None], stored.to(hidden.dtype), hidden)
+            if D and bool(again.any()):  # the first D rows of a reopened window: its delayed tokens' inputs
+                stored = cache.delayed_inputs[:, :D].to(hidden.dtype)
+                hidden = torch.cat([torch.where(again[:, :D, None], stored, hidden[:, :D]), hidden[:, D:]], 1)
 
             def record(layer, hidden, key_index, text_rows, columns=columns, real=real):
                 recorder.layer_output(layer, columns, real, hidden, text_rows, key_index)
@@ -1170,10 +1168,10 @@ class CometModel(CometPreTrainedModel):
             out = self._append_to_windows(cache, hidden, again | real, on_layer=record)
             on_text(columns, real, self.norm(out))
             consumed = consumed + take
-            reread = cache.window_fill >= W
-            if bool(reread.any()):
-                self._fold_windows(cache, reread)
-            reread = reread & (D > 0)
+            folded = cache.window_fill >= W
+            if bool(folded.any()):
+                self._fold_windows(cache, folded)
+            reread = folded & (D > 0)
         cache.reread_pending = reread
 
     # ------------------------------------------------------------------ entry points
