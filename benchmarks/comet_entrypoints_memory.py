@@ -6,8 +6,9 @@
 Every measurement runs in a fresh process on a tiny Llama base (2 layers, d=64, vocab 1024; chunk 256), so its
 peak resident memory (ru_maxrss) is its own. `pipeline` gets text of that many words and a word-level tokenizer
 (one token per word), so it also pays for the text and its tokenisation; `tokenize` measures that tokenisation
-alone, without the model. Target (issue 8): peak RSS at 1M within 1.10x of that at 8k for `generate` and
-`pipeline`. With `--model smollm2 --entries generate read_generate --lengths 32768` it times the embedded SmolLM2
+alone, without the model. `pipeline_comet` and `tokenize_pieces` are the same with `CometTextGenerationPipeline`
+(`pipeline_class=`), which tokenizes the prompt piece by piece (`encode_long_text`). Target (issue 8): peak RSS at
+1M within 1.10x of that at 8k for `generate` and `pipeline`. With `--model smollm2 --entries generate read_generate --lengths 32768` it times the embedded SmolLM2
 CoMeT (bf16) generating from a 32k prompt against reading it and generating from the read state.
 """
 
@@ -23,7 +24,7 @@ from evaluation.common import atomic_save_figure, atomic_write_json, pyplot
 
 from .comet_scaling import run_worker
 
-ENTRIES = ("read", "generate", "pipeline", "tokenize", "read_generate")
+ENTRIES = ("read", "generate", "pipeline", "pipeline_comet", "tokenize", "tokenize_pieces", "read_generate")
 WORKER = r"""
 import json, resource, sys, time, torch
 spec = json.loads(sys.argv[1])
@@ -41,20 +42,31 @@ else:
                                        temp_beacon_stride=16, temp_mem_budget=64).eval()
 n = spec["length"]
 start = time.perf_counter()
-if spec["entry"] in ("pipeline", "tokenize"):
+if spec["entry"] in ("pipeline", "pipeline_comet", "tokenize", "tokenize_pieces"):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, pipeline
-    vocab = {f"w{i}": i for i in range(1024)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    # One token per word: special tokens named unlike the words (a special "w2" would also match inside "w20").
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, "<s>": 3, **{f"w{i}": i for i in range(4, 1024)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w3", pad_token="w0", eos_token="w2")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    text = " ".join(f"w{i % 1000 + 4}" for i in range(n))
+    # " ".join(f"w{i % 1000 + 4}" for i in range(n)), built from its 1000-word period: joining a million separate
+    # word strings would itself cost ~70 MiB at 1M words, more than the text (5 MiB) a user's document takes.
+    period = " ".join(f"w{i + 4}" for i in range(1000))
+    text = " ".join(filter(None, [" ".join([period] * (n // 1000)), " ".join(f"w{i + 4}" for i in range(n % 1000))]))
     start = time.perf_counter()
     if spec["entry"] == "tokenize":  # what the pipeline's preprocessing alone costs, no model call
         tok(text, return_tensors="pt")
-    else:
+    elif spec["entry"] == "tokenize_pieces":  # the same ids, tokenized piece by piece
+        from modeling_comet.pipeline_comet import encode_long_text
+        encode_long_text(tok, text)
+    elif spec["entry"] == "pipeline":
         pipeline("text-generation", model=model, tokenizer=tok)(text, max_new_tokens=2, do_sample=False)
+    else:  # the same plain call with the pipeline class that tokenizes in pieces
+        from modeling_comet.pipeline_comet import CometTextGenerationPipeline
+        pipeline("text-generation", model=model, tokenizer=tok, pipeline_class=CometTextGenerationPipeline)(
+            text, max_new_tokens=2, do_sample=False)
 else:
     ids = torch.randint(4, 1024, (1, n))
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -263,7 +263,8 @@ def _probe_inputs(config: dict, vocab_size: int) -> dict:
 
 def check_loads(folder: Path, src: Path, timeout: float = 900) -> float:
     """Load `folder` in a fresh process that cannot import this package: config, tokenizer, model (its logits must
-    equal SRC's) and its pipeline (`text-generation` for CoMeT, the shipped `ram-question-answering` for RAM)."""
+    equal SRC's) and its pipelines (`text-generation` and the shipped `comet-text-generation` for CoMeT, the shipped
+    `ram-question-answering` for RAM)."""
     config = json.loads((folder / "config.json").read_text())
     model = model_class(config["model_type"]).from_pretrained(src, dtype="auto").eval()
     inputs = _probe_inputs(config, model.get_input_embeddings().num_embeddings)
@@ -291,8 +292,12 @@ def check_loads(folder: Path, src: Path, timeout: float = 900) -> float:
                 assert isinstance(answer[0]["answer"], str), answer
             else:
                 generated = pipeline("text-generation", model=folder, trust_remote_code=True)(
-                    "A short prompt", max_new_tokens=1)
+                    "A short prompt", max_new_tokens=1, do_sample=False)
                 assert isinstance(generated[0]["generated_text"], str), generated
+                # The long-prompt pipeline the config names, from the checkpoint's own pipeline_comet.py.
+                long = pipeline("comet-text-generation", model=folder, trust_remote_code=True)
+                assert type(long).__module__.startswith("transformers_modules"), type(long).__module__
+                assert long("A short prompt", max_new_tokens=1, do_sample=False) == generated, generated
             """
         )
         env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}

@@ -10,6 +10,7 @@ from .configuration_comet import SUPPORTED_BASE_MODEL_TYPES, CometConfig
 from .configuration_ram import RamConfig
 from .modeling_comet import CometCache, CometForCausalLM, CometMemoryState, CometModel
 from .modeling_ram import RamForCausalLM, RamModel
+from .pipeline_comet import CometTextGenerationPipeline, encode_long_text
 
 
 def _register(config_cls, causal_lm_cls, backbone_cls=None) -> None:
@@ -32,7 +33,9 @@ __all__ = [
     "CometForCausalLM",
     "CometMemoryState",
     "CometModel",
+    "CometTextGenerationPipeline",
     "RamConfig",
     "RamForCausalLM",
     "RamModel",
+    "encode_long_text",
 ]

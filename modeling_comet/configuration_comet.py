@@ -10,7 +10,19 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .pipeline_comet import COMET_TEXT_GENERATION_TASK, CometTextGenerationPipeline
 from .position_layout import POSITION_LAYOUTS
+
+# What a saved CoMeT config declares so that `pipeline("comet-text-generation", model=path_or_repo,
+# trust_remote_code=True)` finds the long-prompt pipeline class in the checkpoint's own `pipeline_comet.py`.
+COMET_CUSTOM_PIPELINES = {
+    COMET_TEXT_GENERATION_TASK: {
+        "impl": f"pipeline_comet.{CometTextGenerationPipeline.__name__}",
+        "pt": ["AutoModelForCausalLM"],
+        "tf": [],
+        "type": "text",
+    }
+}
 
 GLOBAL_WRITES = ("readout", "window")
 TEMP_WRITES = ("beacon", "tail")
@@ -97,7 +109,12 @@ class CometConfig(PreTrainedConfig):
 
     model_type = "comet"
     MEMORY_FIELDS = (
-        "chunk_size", "global_mem_size", "temp_beacon_stride", "temp_mem_budget", "adapter_rank", "position_layout"
+        "chunk_size",
+        "global_mem_size",
+        "temp_beacon_stride",
+        "temp_mem_budget",
+        "adapter_rank",
+        "position_layout",
     )
     sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
 
@@ -128,6 +145,8 @@ class CometConfig(PreTrainedConfig):
             )
         super().__post_init__(**kwargs)
         self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
+        if not getattr(self, "custom_pipelines", None):
+            self.custom_pipelines = COMET_CUSTOM_PIPELINES
         self.check_memory_fields()
 
     @classmethod
@@ -168,14 +187,22 @@ class CometConfig(PreTrainedConfig):
             errors.append(f"position_layout must be one of {POSITION_LAYOUTS}, got {self.position_layout!r}")
         if self.global_write not in GLOBAL_WRITES:
             errors.append(f"global_write must be one of {GLOBAL_WRITES}, got {self.global_write!r}")
-        elif self.global_write == "window" and isinstance(self.chunk_size, int) and self.chunk_size < self.global_mem_size:
-            errors.append(f"global_write='window' needs chunk_size ({self.chunk_size}) >= global_mem_size "
-                          f"({self.global_mem_size}): the window is global_mem_size tokens of one chunk")
+        elif (
+            self.global_write == "window"
+            and isinstance(self.chunk_size, int)
+            and self.chunk_size < self.global_mem_size
+        ):
+            errors.append(
+                f"global_write='window' needs chunk_size ({self.chunk_size}) >= global_mem_size "
+                f"({self.global_mem_size}): the window is global_mem_size tokens of one chunk"
+            )
         if not isinstance(self.fold_delay, int) or isinstance(self.fold_delay, bool) or self.fold_delay < 0:
             errors.append(f"fold_delay must be a non-negative integer, got {self.fold_delay!r}")
         elif isinstance(self.chunk_size, int) and self.fold_delay >= self.chunk_size:
-            errors.append(f"fold_delay ({self.fold_delay}) must be smaller than chunk_size ({self.chunk_size}): the "
-                          "delayed tokens are the first ones of the next chunk")
+            errors.append(
+                f"fold_delay ({self.fold_delay}) must be smaller than chunk_size ({self.chunk_size}): the "
+                "delayed tokens are the first ones of the next chunk"
+            )
         if self.temp_write not in TEMP_WRITES:
             errors.append(f"temp_write must be one of {TEMP_WRITES}, got {self.temp_write!r}")
         elif self.temp_write == "tail" and isinstance(self.temp_beacon_stride, int) and self.temp_beacon_stride < 1:
@@ -235,4 +262,11 @@ for _name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "num_ke
 del _name
 
 
-__all__ = ["GLOBAL_WRITES", "TEMP_WRITES", "CometConfig", "SUPPORTED_BASE_MODEL_TYPES", "check_supported_base"]
+__all__ = [
+    "COMET_CUSTOM_PIPELINES",
+    "GLOBAL_WRITES",
+    "TEMP_WRITES",
+    "CometConfig",
+    "SUPPORTED_BASE_MODEL_TYPES",
+    "check_supported_base",
+]

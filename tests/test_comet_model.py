@@ -233,7 +233,8 @@ def test_remote_code_reload_in_fresh_process(tmp_path):
     model = tiny_comet(tie=True)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file() and not list(tmp_path.glob("*.bin"))
-    for name in ("modeling_comet.py", "configuration_comet.py", "position_layout.py", "requirements.py"):
+    for name in ("modeling_comet.py", "configuration_comet.py", "pipeline_comet.py", "position_layout.py",
+                 "requirements.py"):
         assert (tmp_path / name).is_file()
     ids = random_ids(1, 70)
     with torch.no_grad():

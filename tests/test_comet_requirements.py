@@ -14,7 +14,8 @@ def test_comet_checkpoint_code_stops_on_an_older_transformers_with_the_version_t
     folder = tmp_path / "comet"
     tiny_comet().save_pretrained(folder)
     code = {path.name for path in folder.glob("*.py")}
-    assert code == {"configuration_comet.py", "modeling_comet.py", "position_layout.py", "requirements.py"}
+    assert code == {"configuration_comet.py", "modeling_comet.py", "pipeline_comet.py", "position_layout.py",
+                    "requirements.py"}
     script = BLOCK_THIS_PACKAGE + textwrap.dedent(
         f"""
         import transformers

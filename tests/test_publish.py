@@ -71,7 +71,7 @@ def source(request, tmp_path):
 
 
 def expected_code(kind):
-    common = {"configuration_comet.py", "position_layout.py"}
+    common = {"configuration_comet.py", "pipeline_comet.py", "position_layout.py"}
     if kind == "comet":
         return common | {"modeling_comet.py", "requirements.py"}
     return common | {"configuration_ram.py", "modeling_ram.py", "pipeline_ram.py", "requirements.py"}
@@ -216,6 +216,9 @@ def test_published_folders_load_by_repo_id_offline_without_this_package(tmp_path
         generator = pipeline("text-generation", model=repo, trust_remote_code=True)
         out = generator(text, max_new_tokens=3, do_sample=False)[0]["generated_text"]
         assert out.startswith(text) and len(out) > len(text), out
+        long = pipeline("comet-text-generation", model=repo, trust_remote_code=True)
+        assert type(long).__name__ == "CometTextGenerationPipeline", type(long)
+        assert long(text, max_new_tokens=3, do_sample=False)[0]["generated_text"] == out
         if {check_comet_auto_model}:
             backbone = AutoModel.from_pretrained(repo, trust_remote_code=True)
             assert type(backbone).__name__ == "CometModel", type(backbone)
