@@ -8,7 +8,8 @@ peak resident memory (ru_maxrss) is its own. `pipeline` gets text of that many w
 (one token per word), so it also pays for the text and its tokenisation; `tokenize` measures that tokenisation
 alone, without the model. `pipeline_comet` and `tokenize_pieces` are the same with `CometTextGenerationPipeline`
 (`pipeline_class=`), which tokenizes the prompt piece by piece (`encode_long_text`). Target (issue 8): peak RSS at
-1M within 1.10x of that at 8k for `generate` and `pipeline`. With `--model smollm2 --entries generate read_generate --lengths 32768` it times the embedded SmolLM2
+1M within 1.10x of that at 8k for `generate` and `pipeline`. With `--model smollm2 --entries generate
+read_generate --lengths 32768` it times the embedded SmolLM2
 CoMeT (bf16) generating from a 32k prompt against reading it and generating from the read state.
 """
 
