@@ -1604,6 +1604,30 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
                 cache.check_prompt(input_ids)
         return super().generate(inputs, *args, **kwargs)
 
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        next_sequence_length=None,
+        cache=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        is_first_iteration=False,
+        **kwargs,
+    ):
+        # transformers hands the model a contiguous clone of the ids it has not read yet: at the first step that is
+        # the whole prompt, a second copy of a million-token input. CoMeT reads it one chunk at a time from a view,
+        # so everything else is prepared as transformers does (from the last column) and the view is passed on.
+        kwargs.update(cache=cache, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                      is_first_iteration=is_first_iteration)  # fmt: skip
+        if inputs_embeds is not None or not torch.is_tensor(input_ids) or next_sequence_length == 0:
+            return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length, **kwargs)
+        unread = input_ids if next_sequence_length is None else input_ids[:, -next_sequence_length:]
+        if unread.shape[-1] <= 1:
+            return super().prepare_inputs_for_generation(unread, **kwargs)
+        model_inputs = super().prepare_inputs_for_generation(unread[:, -1:], **kwargs)
+        model_inputs["input_ids"] = unread
+        return model_inputs
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if model_kwargs.get("cache") is None and model_kwargs.get("past_key_values") is None:
             if generation_config.use_cache is not False:

@@ -175,6 +175,33 @@ def test_long_input_is_embedded_and_processed_one_window_at_a_time():
             hook.remove()
 
 
+def test_generate_hands_the_prompt_on_without_copying_it(monkeypatch):
+    """transformers clones the ids it passes to the model; for the prompt CoMeT takes a view instead, and the
+    greedy continuation is the one token-by-token decoding gives."""
+    model = tiny_comet()
+    ids = random_ids(2, 5 * MEMORY["chunk_size"] + 3)
+    clones = []
+    clone = torch.Tensor.clone
+
+    def recording_clone(self, *args, **kwargs):
+        clones.append(tuple(self.shape))
+        return clone(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", recording_clone)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert tuple(ids.shape) not in clones, clones
+    monkeypatch.undo()
+    with torch.no_grad():
+        state, step = model(ids[:, :-1], use_cache=True).cache, ids[:, -1:]
+        expected = [ids]
+        for _ in range(4):
+            output = model(step, cache=state)
+            state, step = output.cache, output.logits[:, -1:].argmax(-1)
+            expected.append(step)
+    assert torch.equal(out, torch.cat(expected, 1))
+
+
 @pytest.mark.slow  # torch compiles flex attention for every new query/key shape (about a minute on one CPU thread)
 def test_flex_attention_block_mask_equals_sdpa():
     sdpa = tiny_comet(attn="sdpa")
