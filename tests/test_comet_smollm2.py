@@ -85,3 +85,18 @@ def test_the_default_answers_a_question_that_ends_on_a_chunk_boundary():
         assert len(ids) % model.config.chunk_size == 0
         answer = generate_answer(model, tokenizer, ids, max_new_tokens=8)
         assert answer.strip().startswith(key + "."), (depth, answer)
+
+
+def test_piecewise_tokenization_of_a_long_text_equals_one_call(tokenizer):
+    """The SmolLM2 tokenizer on the whole pydoc corpus (~1M characters) and on it as a rendered chat: the ids
+    `comet-text-generation` reads are exactly those of one tokenizer call."""
+    from pydoc_data.topics import topics
+
+    from modeling_comet.pipeline_comet import encode_long_text
+
+    text = "\n".join(topics[k] for k in sorted(topics))
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": text[:200_000]}], tokenize=False,
+                                         add_generation_prompt=True)
+    for sample, special in ((text, True), (chat, False)):
+        expected = tokenizer(sample, add_special_tokens=special)["input_ids"]
+        assert encode_long_text(tokenizer, sample, add_special_tokens=special)[0].tolist() == expected
