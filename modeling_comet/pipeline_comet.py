@@ -62,13 +62,14 @@ def encode_long_text(
 ) -> torch.LongTensor:
     """`tokenizer(text, add_special_tokens=...)["input_ids"]` as a (1, L) tensor, tokenized in pieces.
 
-    Each call reads `piece_chars + overlap_chars` characters (by default `PIECE_CHARS` and `OVERLAP_CHARS`), keeps the tokens before a cut near `piece_chars`, and the
-    next call starts at the cut. A cut is taken only at a token boundary where the next call, reading on from there,
-    gives the same tokens as this one over the overlap (at least `MIN_AGREEMENT` tokens, away from this call's end):
-    this rules out a cut inside a word, inside a character split over byte-level tokens, or before a prefix that the
-    tokenizer adds to the start of every text. Where no such cut is found (e.g. one word longer than the overlap, or a
-    normalizer that prepends to every text), the whole text is tokenized at once, as `transformers` does, with a
-    warning. Only fast tokenizers (which give offsets) are cut; others always tokenize the whole text.
+    Each call reads `piece_chars + overlap_chars` characters (by default `PIECE_CHARS` and `OVERLAP_CHARS`), keeps the
+    tokens before a cut near `piece_chars`, and the next call starts at the cut. A cut is taken only at a token
+    boundary where the next call, reading on from there, gives the same tokens as this one over the overlap (at least
+    `MIN_AGREEMENT` tokens, away from this call's end): this rules out a cut inside a word, inside a character split
+    over byte-level tokens, or before a prefix that the tokenizer adds to the start of every text. Where no such cut
+    is found (e.g. one word longer than the overlap, or a normalizer that prepends to every text), the whole text is
+    tokenized at once, as `transformers` does, with a warning. Only fast tokenizers (which give offsets) are cut;
+    others always tokenize the whole text.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
@@ -130,6 +131,8 @@ def encode_long_text(
             return whole()
     kept.extend(ids)
     kept.extend(suffix)
+    if not kept:  # (frombuffer refuses an empty buffer)
+        return torch.zeros(1, 0, dtype=torch.long)
     return torch.frombuffer(kept, dtype=torch.long).unsqueeze(0)
 
 

@@ -21,8 +21,8 @@ from tests.test_convert import tiny_tokenizer
 
 # Pieces a tokenizer may split differently at a text's edges: multi-byte characters (byte-level tokens split them),
 # runs of spaces and newlines, digits, contractions, long words and a special token written in the text.
-PARTS = ["hello", " world", "  ", "\n\n", " 1234567", "über", " 日本語", "🙂", "<|im_start|>", " " + "x" * 40, "\t",
-         " don't", "'s", ".", "   a", " naïve", ",", " the", " cat"]
+PARTS = ["hello", " world", "  ", "\n\n", " 1234567", "über", " 日本語", "🙂", "<|im_start|>", " " + "x" * 40,
+         "\t", " don't", "'s", ".", "   a", " naïve", ",", " the", " cat"]
 
 
 def random_text(seed, n_parts):
@@ -112,6 +112,10 @@ def test_short_text_and_bad_arguments():
     tokenizer = tiny_tokenizer(VOCAB)
     assert encode_long_text(tokenizer, "w5 w6")[0].tolist() == tokenizer("w5 w6")["input_ids"]
     assert encode_long_text(tokenizer, "")[0].tolist() == tokenizer("")["input_ids"]
+    blank = " " * 1000  # no tokens at all (whitespace is dropped), so no cut can be checked
+    assert encode_long_text(tokenizer, blank, piece_chars=100, overlap_chars=100).shape == (1, 0)
+    mostly_blank = " " * 1000 + "w5 w6"
+    assert encode_long_text(tokenizer, mostly_blank, piece_chars=100, overlap_chars=100)[0].tolist() == [5, 6]
     with pytest.raises(TypeError, match="must be a str"):
         encode_long_text(tokenizer, ["w5"])
     with pytest.raises(ValueError, match="must be positive"):
