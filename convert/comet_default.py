@@ -14,8 +14,9 @@ repository ships trained weights, applied in this order of preference:
   described by ``checkpoints/smollm2-comet-recall.json`` (stages, commands, what was measured);
 * ``checkpoints/smollm2-comet-memory.safetensors``: memory only, from a short language-modelling run.
 
-The cached folder is rebuilt whenever the weights change. It lives under ``$COMET_CACHE`` (default
-``~/.cache/comet``).
+The cached folder is rebuilt whenever the weights, their record or the model code it carries (``modeling_comet/``)
+change, so that loading it with ``trust_remote_code=True`` runs the code of this checkout. It lives under
+``$COMET_CACHE`` (default ``~/.cache/comet``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 RECALL_WEIGHTS = CHECKPOINTS / "smollm2-comet-recall.safetensors"
 RECALL_INFO = CHECKPOINTS / "smollm2-comet-recall.json"
 MEMORY_WEIGHTS = CHECKPOINTS / "smollm2-comet-memory.safetensors"
+MODEL_CODE = Path(__file__).resolve().parent.parent / "modeling_comet"
 
 
 def _read_settings() -> dict:
@@ -71,12 +73,21 @@ def _sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
+def _code_sha256() -> str:
+    """One hash of the model files a checkpoint carries (names and contents)."""
+    digest = hashlib.sha256()
+    for path in sorted(MODEL_CODE.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def _fingerprint() -> dict:
     return {
         "memory": DEFAULT_MEMORY,
         "memory_weights_sha256": _sha256(MEMORY_WEIGHTS),
         "recall_weights_sha256": _sha256(RECALL_WEIGHTS),
         "recall_info_sha256": _sha256(RECALL_INFO),
+        "model_code_sha256": _code_sha256(),
     }
 
 

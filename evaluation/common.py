@@ -44,7 +44,8 @@ def weights_fingerprint(name: str) -> str | None:
     Evaluations record it with their results, so that resuming a partial result never mixes answers from two
     sets of weights under one model name (``smollm2-comet`` after its recall weights changed, a folder that was
     re-exported). It covers every ``*.safetensors`` file of the folder by content and ``config.json`` by what it
-    says (parsed, keys sorted: the same settings written with another layout count as the same). A Hub
+    says (parsed, keys sorted: the same settings written with another layout count as the same), leaving out the
+    ``custom_pipelines`` it names. A Hub
     repo id that is not a local folder gives None: the id is all that is known before it downloads.
     """
     folder = Path(resolve_model_path(name)[0]).expanduser()
@@ -56,7 +57,9 @@ def weights_fingerprint(name: str) -> str | None:
     digest = hashlib.sha256()
     for path in files:
         if path.suffix == ".json":  # by what it says, not how it is laid out
-            content = json.dumps(json.loads(path.read_text()), sort_keys=True, separators=(",", ":")).encode()
+            config = json.loads(path.read_text())
+            config.pop("custom_pipelines", None)  # which pipeline classes it names does not change the outputs
+            content = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
             part = hashlib.sha256(content).hexdigest()
         else:
             with path.open("rb") as handle:

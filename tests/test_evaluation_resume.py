@@ -138,6 +138,9 @@ def test_weights_fingerprint_follows_the_folder_content(model_folder, tmp_path):
     config = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps(dict(reversed(list(config.items())))))  # same settings, new layout
     assert common.weights_fingerprint(str(copy)) == first
+    pipelines = {"comet-text-generation": {"impl": "pipeline_comet.CometTextGenerationPipeline"}}
+    (copy / "config.json").write_text(json.dumps({**config, "custom_pipelines": pipelines}))
+    assert common.weights_fingerprint(str(copy)) == first  # the pipelines a config names do not change outputs
     (copy / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 123}))
     assert common.weights_fingerprint(str(copy)) != first
     (copy / "config.json").write_text(json.dumps(config))

@@ -194,3 +194,22 @@ def test_convert_reads_with_a_longer_chunk_only_when_asked(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reader(ids).logits, trained(ids).logits, atol=1e-5, rtol=1e-5)
         assert (reader(long_ids).logits[:, 8:] - trained(long_ids).logits[:, 8:]).abs().max() > 1e-4  # 1 chunk vs 2
+
+
+def test_the_default_folder_is_rebuilt_when_the_model_code_changes(tmp_path, monkeypatch):
+    """The cached default carries copies of modeling_comet/*.py for trust_remote_code loading: a change to that
+    code must change the stamp that decides whether the folder is rebuilt (the weights alone would not)."""
+    import shutil
+
+    from convert import comet_default
+
+    code = tmp_path / "modeling_comet"
+    shutil.copytree(comet_default.MODEL_CODE, code, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(comet_default, "MODEL_CODE", code)
+    first = comet_default._fingerprint()
+    assert comet_default._fingerprint() == first
+    (code / "pipeline_comet.py").write_text((code / "pipeline_comet.py").read_text() + "\n# changed\n")
+    changed = comet_default._fingerprint()
+    assert changed["model_code_sha256"] != first["model_code_sha256"]
+    assert {k: v for k, v in changed.items() if k != "model_code_sha256"} == {
+        k: v for k, v in first.items() if k != "model_code_sha256"}
