@@ -143,6 +143,12 @@ class Evaluation:
     source: str
     results: list[EvalResult]
     table: str
+    weights: str | None = None  # the fingerprint of the weights it was measured on (`weights_fingerprint`), if recorded
+    weights_note: str = ""  # what the card says about those weights (set by `render_card`)
+
+
+def _range(values: list) -> str:
+    return str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]}"
 
 
 def _inputs_note(payload: dict) -> str:
@@ -165,14 +171,15 @@ def _passkey(payload: dict, source: str) -> Evaluation:
         EvalResult(metric_type="accuracy", metric_name=f"accuracy @ {length} tokens", metric_value=accuracy, **dataset)
         for length, accuracy in zip(payload["lengths"], model["accuracy_per_length"], strict=True)
     ]
-    results.append(EvalResult(metric_type="accuracy", metric_name="mean accuracy", metric_value=model["mean_accuracy"],
-                              **dataset))
+    lengths = _range(payload["lengths"])
+    results.append(EvalResult(metric_type="accuracy", metric_name=f"mean accuracy over {lengths} tokens",
+                              metric_value=model["mean_accuracy"], **dataset))
     header = "| depth \\ prompt tokens | " + " | ".join(str(length) for length in payload["lengths"]) + " |"
     rows = [header, "|" + " --- |" * (len(payload["lengths"]) + 1)]
     for depth, row in zip(payload["depths"], model["accuracy"], strict=True):
         rows.append(f"| {depth:.0%} | " + " | ".join(_fmt(value) for value in row) + " |")
     rows.append("| mean | " + " | ".join(_fmt(value) for value in model["accuracy_per_length"]) + " |")
-    return Evaluation(f"Passkey retrieval ({model_name})", source, results, "\n".join(rows))
+    return Evaluation(f"Passkey retrieval, {lengths} tokens", source, results, "\n".join(rows), model.get("weights"))
 
 
 def _forgetting_curve(payload: dict, source: str) -> Evaluation:
@@ -192,7 +199,8 @@ def _forgetting_curve(payload: dict, source: str) -> Evaluation:
         rows.append(f"| {label} | " + " | ".join(_fmt(point[key]) for point in payload["per_length"]) + " |")
     rows.append(f"\nFine memory length {payload['fine_memory_length']}, coarse {payload['coarse_memory_length']} "
                 f"({_inputs_note(payload)}; {payload['samples']} samples per length).")
-    return Evaluation(f"Forgetting curve ({payload['model']})", source, results, "\n".join(rows))
+    return Evaluation(f"Forgetting curve, L = {_range(lengths)}", source, results, "\n".join(rows),
+                      payload.get("weights"))
 
 
 def _scrolls(payload: dict, source: str) -> Evaluation:
@@ -205,7 +213,7 @@ def _scrolls(payload: dict, source: str) -> Evaluation:
             metric_value=payload["scores"][task],
         ))
         rows.append(f"| {task} | {metric} | {_fmt(payload['scores'][task])} |")
-    return Evaluation(f"SCROLLS ({payload['model']})", source, results, "\n".join(rows))
+    return Evaluation("SCROLLS", source, results, "\n".join(rows), payload.get("weights"))
 
 
 def _ram_synthetic(payload: dict, source: str) -> Evaluation:
@@ -261,6 +269,7 @@ def render_card(
     training_note: str = "",
     training_command: str | None = None,
     require_hub_metadata: bool = True,
+    weights_fingerprint: str | None = None,
 ) -> ModelCard:
     """The card of a CoMeT or RAM checkpoint (chosen by `config.model_type`).
 
@@ -277,6 +286,8 @@ def render_card(
         training_command (`str`, *optional*): the command that trained it.
         require_hub_metadata (`bool`, *optional*, defaults to `True`): refuse a base without a repo id or license
             (publishing); converters writing a local folder pass `False` and those fields are left out.
+        weights_fingerprint (`str`, *optional*): `evaluation.common.weights_fingerprint` of the checkpoint. An
+            evaluation that recorded other weights is refused; each one says whether it was measured on these.
     """
     method = METHODS.get(config.model_type)
     if method is None:
@@ -288,6 +299,21 @@ def render_card(
             f"the license of the base model {base.repo_id} is unknown: pass it explicitly (--license, e.g. apache-2.0)"
         )
     loaded = [load_evaluation(path) for path in evaluations]
+    for evaluation in loaded:
+        if weights_fingerprint is None:
+            continue
+        if evaluation.weights is None:
+            evaluation.weights_note = "It records no weights fingerprint, so it is not checked against these weights."
+        elif evaluation.weights != weights_fingerprint:
+            raise ValueError(
+                f"{evaluation.source} was measured on other weights ({evaluation.weights}) than this checkpoint's "
+                f"({weights_fingerprint}): evaluate this checkpoint, or leave that result out"
+            )
+        else:
+            evaluation.weights_note = (
+                f"Measured on these weights and settings (`{weights_fingerprint[:19]}…` of the safetensors files and "
+                "`config.json`)."
+            )
     card_data = ModelCardData(
         base_model=base.repo_id,
         license=base.license,

@@ -158,12 +158,16 @@ def build_folder(src: str | Path, folder: str | Path, repo_id: str, options: Pub
     model.save_pretrained(folder, safe_serialization=True)
     model.generation_config.save_pretrained(folder)  # always, even when it equals the defaults
     tokenizer.save_pretrained(folder)
-    card_for(model.config, base, options, repo_id, revision_pin).save(folder / "README.md")
+    card_for(model.config, base, options, repo_id, revision_pin, src).save(folder / "README.md")
     return folder
 
 
-def card_for(config, base: BaseModelInfo, options: PublishOptions, repo_id: str, revision: str | None):
-    """The published card of a checkpoint with `config` (`options` completed by `card_inputs`)."""
+def card_for(config, base: BaseModelInfo, options: PublishOptions, repo_id: str, revision: str | None, src: Path):
+    """The published card of the checkpoint built from `src` (`options` completed by `card_inputs`): results measured
+    on other weights or settings than SRC's are refused (`render_card`'s `weights_fingerprint`). The built folder
+    holds SRC's safetensors unchanged; its config.json may gain fields that were defaults in SRC's."""
+    from evaluation.common import weights_fingerprint
+
     return render_card(
         config, base,
         model_name=options.model_name or repo_id.split("/")[-1],
@@ -173,6 +177,7 @@ def card_for(config, base: BaseModelInfo, options: PublishOptions, repo_id: str,
         evaluations=options.results,
         training_note=options.training_note or "",
         training_command=options.training_command,
+        weights_fingerprint=weights_fingerprint(str(src)),
     )
 
 
@@ -374,7 +379,7 @@ def render_card_for(folder: Path, src: Path, repo_id: str, options: PublishOptio
     _, raw_config = read_source(src)
     base, options = card_inputs(src, raw_config, options)
     config = model_class(raw_config["model_type"]).config_class.from_pretrained(folder)
-    return str(card_for(config, base, options, repo_id, revision))
+    return str(card_for(config, base, options, repo_id, revision, src))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -145,3 +145,27 @@ def test_comet_card_says_how_the_memory_is_written(monkeypatch):
     config.fold_delay = 32
     delayed = " ".join(str(render_card(config, BASE, model_name="x", repo_id="me/x")).split())
     assert "only after the next 32 tokens were read beside it (`fold_delay`)" in delayed
+
+
+def test_results_measured_on_other_weights_are_refused_and_matching_ones_said_so(tmp_path, monkeypatch):
+    """A card is only trusted if its numbers come from its weights: results recording another weights fingerprint
+    are refused, matching ones are marked as measured on these weights, and older results (no fingerprint) say
+    that they were not checked."""
+    monkeypatch.chdir(ROOT)
+    payload = json.loads(PASSKEY.read_text())
+    assert "weights" not in payload["models"]["smollm2-comet"]  # recorded before results named their weights
+    ours, other = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    fingerprinted = tmp_path / "passkey.json"
+    payload["models"]["smollm2-comet"]["weights"] = ours
+    fingerprinted.write_text(json.dumps(payload))
+    kwargs = dict(model_name="m", repo_id="me/comet", weights_fingerprint=ours)
+
+    text = render_card(comet_config(), BASE, evaluations=[fingerprinted, PASSKEY], **kwargs).text
+    assert f"Measured on these weights and settings (`{ours[:19]}…`" in text
+    assert "It records no weights fingerprint, so it is not checked against these weights." in text
+    assert "### Passkey retrieval, 1000–32000 tokens" in text  # named by what it measured, not by a local path
+    with pytest.raises(ValueError, match="measured on other weights"):
+        render_card(comet_config(), BASE, evaluations=[fingerprinted], **{**kwargs, "weights_fingerprint": other})
+    # Without a fingerprint to compare (a local conversion), nothing is claimed either way.
+    assert "Measured on these weights" not in render_card(comet_config(), BASE, evaluations=[fingerprinted],
+                                                          model_name="m").text

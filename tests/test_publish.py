@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -264,3 +265,22 @@ def test_card_inputs_come_from_the_source_card_when_not_given(tmp_path):
     options = PublishOptions(license="apache-2.0", training_note="Other.", training_command="cmd")
     card = ModelCard.load(build_folder(src, tmp_path / "out2", "me/x", options) / "README.md")
     assert card.data.license == "apache-2.0" and "Other." in card.text and "Trained for 3" not in card.text
+
+
+def test_the_card_takes_only_results_measured_on_the_published_weights(tmp_path, monkeypatch):
+    from evaluation.common import weights_fingerprint
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    src = write_source("comet", tmp_path / "src")
+    measured_on = weights_fingerprint(str(src))  # what an evaluation of SRC records
+    payload = json.loads(Path(OPTIONS.results[0]).read_text())
+    (name, model), *_ = payload["models"].items()
+    results = tmp_path / "passkey.json"
+    results.write_text(json.dumps({**payload, "models": {name: {**model, "weights": measured_on}}}))
+    options = replace(OPTIONS, results=[str(results)])
+    folder = build_folder(src, tmp_path / "out", "me/tiny", options)
+    assert f"Measured on these weights and settings (`{measured_on[:19]}…`" in (folder / "README.md").read_text()
+
+    results.write_text(json.dumps({**payload, "models": {name: {**model, "weights": "sha256:" + "0" * 64}}}))
+    with pytest.raises(ValueError, match="measured on other weights"):
+        build_folder(src, tmp_path / "out2", "me/tiny", options)
