@@ -16,7 +16,7 @@ test-transformers: setup
 	bash scripts/transformers_conformance.sh $(ARGS)
 
 bench: setup
-	.venv/bin/python -m benchmarks.comet_scaling
+	.venv/bin/python -m benchmarks.comet_scaling --output-dir results/benchmarks/runs/$$(date +%Y%m%d-%H%M%S)
 
 lint: setup
 	.venv/bin/ruff check .

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from evaluation.common import atomic_save_figure, atomic_write_json, pyplot
+from evaluation.common import add_output_arguments, atomic_save_figure, atomic_write_json, pyplot, refuse_to_replace
 
 from .comet_scaling import run_worker
 
@@ -127,10 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
                         help="smollm2: the embedded default CoMeT in bf16 (e.g. --entries generate read_generate)")
     parser.add_argument("--output-dir", type=Path, default=Path("results/benchmarks/entrypoints"))
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     results: list[dict] = []
     report = {"model": args.model, "lengths": args.lengths, "threads": 1}
     name = "comet_entrypoints_memory" + ("" if args.model == "tiny" else f"_{args.model}")
+    refuse_to_replace(args.output_dir / f"{name}.json", args.output_dir / f"{name}.png", overwrite=args.overwrite)
     for entry in tqdm(args.entries, desc="entry points"):
         for length in args.lengths:
             results.append(measure(entry, length, args.timeout, args.model))
@@ -142,4 +144,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from evaluation.common import run_cli
+
+    run_cli(main)

@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from evaluation.common import atomic_write_json, resolve_dtype, resolve_model_path
+from evaluation.common import (
+    add_output_arguments,
+    atomic_write_json,
+    refuse_to_replace,
+    resolve_dtype,
+    resolve_model_path,
+)
 
 
 def token_losses(model, ids: torch.Tensor) -> torch.Tensor:
@@ -81,7 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=Path("results/benchmarks/fold_delay"))
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
+    refuse_to_replace(args.output_dir / "fold_delay.json", args.output_dir / "fold_delay.png", overwrite=args.overwrite)
     if len(set(args.delays)) != len(args.delays) or min(args.delays) < 0:
         raise ValueError(f"--delays must be distinct non-negative integers, got {args.delays}")
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from convert.smollm2 import smollm2_path
-from evaluation.common import atomic_write_json
+from evaluation.common import add_output_arguments, atomic_write_json, refuse_to_replace
 from training.comet_config import CometTrainingConfig
 from training.comet_trainer import load_texts, pack_samples
 
@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--trust-remote-code", "--trust_remote_code", action="store_true",
         help="let a --comet folder run its own modelling code (a CoMeT checkpoint loads with this package's classes)",
     )  # fmt: skip
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
+    refuse_to_replace(args.output, overwrite=args.overwrite, option="--output")
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     samples = held_out_samples(tokenizer, args.sample_tokens, args.eval_samples, args.seed)
@@ -93,4 +95,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from evaluation.common import run_cli
+
+    run_cli(main)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from evaluation.common import atomic_save_figure, atomic_write_json, pyplot
+from evaluation.common import add_output_arguments, atomic_save_figure, atomic_write_json, pyplot, refuse_to_replace
 
 WORKER = r"""
 import json, resource, statistics, sys, time, torch
@@ -230,7 +230,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--memory-fields", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="CoMeT fields over the default memory of both suites, e.g. global_write=window "
                              "temp_write=tail fold_delay=32 (the shipped default's reading)")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
+    refuse_to_replace(args.output_dir / "comet_scaling.json", args.output_dir / "comet_scaling.png",
+                      overwrite=args.overwrite)
     overrides = parse_fields(args.memory_fields)
     smollm2_memory, tiny_memory = {**SMOLLM2_MEMORY, **overrides}, {**TINY_MEMORY, **overrides}
     if args.long_repeats is None:
@@ -260,4 +263,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from evaluation.common import run_cli
+
+    run_cli(main)

@@ -160,7 +160,10 @@ def main(argv: list[str] | None = None) -> dict:
         "'random': randomly drawn memory weights",
     )
     parser.add_argument("--read-budget-s", type=float, default=60.0, help="stop adding longer reads after this")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier result at --output")
     args = parser.parse_args(argv)
+    if Path(args.output).exists() and not args.overwrite:
+        raise SystemExit(f"{args.output} holds an earlier result; pass --overwrite to replace it, or another --output")
     if args.memory_weights == "auto":
         args.memory_weights = "random"
         if args.model == "smollm2":

@@ -76,7 +76,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/pipeline_scaling/four_b_gpu.json"))
     parser.add_argument("--checkpointed-chunks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--plain-chunks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier result at --out")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.overwrite:
+        raise SystemExit(f"{args.out} holds an earlier result; pass --overwrite to replace it, or another --out")
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

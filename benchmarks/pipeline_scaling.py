@@ -287,7 +287,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--remodel", action="store_true",
                         help="measure nothing: recompute the 4B estimate of an existing JSON (e.g. after a GPU run)")
+    parser.add_argument("--overwrite", action="store_true", help="measure again, replacing the result in --out")
     args = parser.parse_args(argv)
+    if not args.remodel and (args.out / "pipeline_scaling.json").exists() and not args.overwrite:
+        raise SystemExit(f"{args.out / 'pipeline_scaling.json'} holds an earlier result; pass --overwrite to measure "
+                         "again, --remodel to recompute its estimate, or another --out")
     if args.remodel:
         payload = json.loads((args.out / "pipeline_scaling.json").read_text())
         coef = payload["measured"]["saved_bytes_per_window_token_layer_hidden"]

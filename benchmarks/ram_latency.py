@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from evaluation.common import atomic_save_figure, atomic_write_json, pyplot
+from evaluation.common import add_output_arguments, atomic_save_figure, atomic_write_json, pyplot, refuse_to_replace
 
 QUESTION = "\n\nQuestion: Which module is described first in the text above?\nAnswer:"
 
@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--output_dir", default="results")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
+    refuse_to_replace(Path(args.output_dir) / "ram_latency.json", Path(args.output_dir) / "ram_latency.png",
+                      overwrite=args.overwrite, option="--output_dir")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from convert.atomic import atomic_file
-from evaluation.common import atomic_write_json
+from evaluation.common import add_output_arguments, atomic_write_json, refuse_to_replace
 
 OBJECTS = [
     f"{colour} {thing}"
@@ -195,7 +195,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="1 avoids thread oversubscription on a shared CPU")
     parser.add_argument("--output_dir", default="results")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
+    refuse_to_replace(Path(args.output_dir) / "ram_synthetic.json", Path(args.output_dir) / "ram_synthetic.md",
+                      overwrite=args.overwrite, option="--output_dir")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -242,6 +242,19 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def refuse_to_replace(*paths: str | Path, overwrite: bool = False, option: str = "--output-dir") -> None:
+    """Benchmarks: stop before any work when one of ``paths`` already holds an earlier result, unless ``overwrite``.
+
+    A benchmark measures everything in one run, so there is nothing to resume: a rerun would only replace what an
+    earlier run wrote. ``option`` names the flag that chooses another place.
+    """
+    existing = [Path(path) for path in paths if Path(path).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{existing[0]} holds an earlier result; pass --overwrite to replace it, or choose another {option}"
+        )
+
+
 def _json_value(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
