@@ -45,8 +45,8 @@ def weights_fingerprint(name: str) -> str | None:
     sets of weights under one model name (``smollm2-comet`` after its recall weights changed, a folder that was
     re-exported). It covers every ``*.safetensors`` file of the folder by content and ``config.json`` by what it
     says (parsed, keys sorted: the same settings written with another layout count as the same), leaving out the
-    ``custom_pipelines`` it names. A Hub
-    repo id that is not a local folder gives None: the id is all that is known before it downloads.
+    ``custom_pipelines`` it names. A Hub repo id that is not a local folder gives None: the id is all that is known
+    before it downloads.
     """
     folder = Path(resolve_model_path(name)[0]).expanduser()
     if not folder.is_dir():
