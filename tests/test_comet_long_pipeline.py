@@ -130,6 +130,7 @@ def model():
 
 def pipelines(model):
     tokenizer = tiny_tokenizer(VOCAB)
+    tokenizer.pad_token, tokenizer.padding_side = "w0", "left"  # for batch_size > 1
     tokenizer.chat_template = ("{% for m in messages %}w3 {{ m['content'] }} {% endfor %}"
                                "{% if add_generation_prompt %}w4{% endif %}")
     plain = pipeline("text-generation", model=model, tokenizer=tokenizer)
@@ -154,6 +155,7 @@ def test_pipeline_answers_as_transformers_does_while_tokenizing_in_pieces(model,
         (prompt, {"return_tensors": True}),
         (prompt, {"prefix": "w7 w8 "}),
         ([prompt, word_text(2, 300)], {}),
+        ([prompt, word_text(2, 300)], {"batch_size": 2}),  # padded together
         (chat, {}),
     ]:
         expected = plain(args, **kwargs, **extra)
