@@ -556,6 +556,11 @@ def config_fingerprint(config: CometConfig) -> str:
 
 # transformers 5.x is renaming `past_key_values` to `cache`; follow whichever this version uses.
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# An input at least this long, read into a cache in one call (a long prompt given to generate() or a pipeline), shows
+# a progress bar as `read(progress=True)` does. It follows transformers' switch for progress bars
+# (`transformers.utils.logging.disable_progress_bar()`).
+PROGRESS_MIN_TOKENS = 32768
 _LAYER_CACHE_ARG = _OUTPUT_CACHE_FIELD
 
 # Checkpoints saved before `CometModel` existed hold the memory at the top level.
@@ -1145,6 +1150,12 @@ class CometModel(CometPreTrainedModel):
         arange_W = torch.arange(W, device=device)
         D = self.config.fold_delay
         reread = cache.reread_pending  # windows reopened by a fold: their delayed tokens are still to be read again
+        from transformers.utils.logging import tqdm
+
+        quiet = L < PROGRESS_MIN_TOKENS or torch.compiler.is_compiling()
+        bar = tqdm(total=None if quiet else int(remaining.max()), unit="tok", desc="CoMeT reading", disable=quiet,
+                   leave=False)  # fmt: skip
+        shown = 0
         while bool((consumed < remaining).any()):
             # One pass per window: a reopened window first reads its delayed tokens again (not emitted), then new ones.
             # A fold at the end of the input leaves that to the next call, so that reading window-sized pieces
@@ -1168,10 +1179,14 @@ class CometModel(CometPreTrainedModel):
             out = self._append_to_windows(cache, hidden, again | real, on_layer=record)
             on_text(columns, real, self.norm(out))
             consumed = consumed + take
+            if not quiet:
+                bar.update(int(consumed.max()) - shown)
+                shown = int(consumed.max())
             folded = cache.window_fill >= W
             if bool(folded.any()):
                 self._fold_windows(cache, folded)
             reread = folded & (D > 0)
+        bar.close()
         cache.reread_pending = reread
 
     # ------------------------------------------------------------------ entry points

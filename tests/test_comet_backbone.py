@@ -253,3 +253,27 @@ def test_automodel_remote_code_in_a_fresh_process(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert float(result.stdout.strip().splitlines()[-1]) == 0.0
+
+
+def test_a_long_prompt_read_inside_generate_shows_progress(monkeypatch, capsys):
+    """generate() and pipelines read a long prompt without `read(progress=True)`: from PROGRESS_MIN_TOKENS on the
+    read shows a bar, which transformers' progress-bar switch turns off, and shorter inputs show none."""
+    from transformers.utils import logging as hf_logging
+
+    import modeling_comet.modeling_comet as modeling
+
+    model = tiny_comet()
+    ids = random_ids(1, 6 * MEMORY["chunk_size"])
+    monkeypatch.setattr(modeling, "PROGRESS_MIN_TOKENS", ids.shape[1])
+    greedy = dict(max_new_tokens=2, do_sample=False)
+    with torch.no_grad():
+        out = model.generate(ids, **greedy)
+        assert "CoMeT reading" in capsys.readouterr().err
+        model.generate(ids[:, 1:], **greedy)  # one token short of the threshold
+        assert "CoMeT reading" not in capsys.readouterr().err
+        hf_logging.disable_progress_bar()
+        try:
+            assert torch.equal(model.generate(ids, **greedy), out)  # the bar changes nothing else
+            assert "CoMeT reading" not in capsys.readouterr().err
+        finally:
+            hf_logging.enable_progress_bar()
