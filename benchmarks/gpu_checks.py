@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from evaluation.common import add_output_arguments, refuse_to_replace
 from modeling_comet import CometForCausalLM
 
 BACKENDS = ("eager", "sdpa", "flex_attention")
@@ -160,10 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
         "'random': randomly drawn memory weights",
     )
     parser.add_argument("--read-budget-s", type=float, default=60.0, help="stop adding longer reads after this")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier result at --output")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
-    if Path(args.output).exists() and not args.overwrite:
-        raise SystemExit(f"{args.output} holds an earlier result; pass --overwrite to replace it, or another --output")
+    refuse_to_replace(args.output, overwrite=args.overwrite, option="--output")
     if args.memory_weights == "auto":
         args.memory_weights = "random"
         if args.model == "smollm2":
@@ -203,4 +203,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from evaluation.common import run_cli
+
+    run_cli(main)

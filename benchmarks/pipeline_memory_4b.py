@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from evaluation.common import add_output_arguments, refuse_to_replace
+
 FOUR_B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
               num_key_value_heads=8, head_dim=128, vocab_size=151936)
 MEMORY = dict(chunk_size=2048, global_mem_size=512, temp_beacon_stride=8, temp_mem_budget=2048)
@@ -76,10 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/pipeline_scaling/four_b_gpu.json"))
     parser.add_argument("--checkpointed-chunks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--plain-chunks", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier result at --out")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
-    if args.out.exists() and not args.overwrite:
-        raise SystemExit(f"{args.out} holds an earlier result; pass --overwrite to replace it, or another --out")
+    refuse_to_replace(args.out, overwrite=args.overwrite, option="--out")
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -123,4 +124,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from evaluation.common import run_cli
+
+    run_cli(main)

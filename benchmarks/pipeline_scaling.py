@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from evaluation.common import atomic_save_figure, atomic_write_json, pyplot
+from evaluation.common import add_output_arguments, atomic_save_figure, atomic_write_json, pyplot, refuse_to_replace
 
 OUT = Path("results/benchmarks/pipeline_scaling")
 
@@ -287,11 +287,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--remodel", action="store_true",
                         help="measure nothing: recompute the 4B estimate of an existing JSON (e.g. after a GPU run)")
-    parser.add_argument("--overwrite", action="store_true", help="measure again, replacing the result in --out")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
-    if not args.remodel and (args.out / "pipeline_scaling.json").exists() and not args.overwrite:
-        raise SystemExit(f"{args.out / 'pipeline_scaling.json'} holds an earlier result; pass --overwrite to measure "
-                         "again, --remodel to recompute its estimate, or another --out")
+    if not args.remodel:  # (--remodel updates the estimate in an existing result on purpose)
+        refuse_to_replace(args.out / "pipeline_scaling.json", overwrite=args.overwrite, option="--out")
     if args.remodel:
         payload = json.loads((args.out / "pipeline_scaling.json").read_text())
         coef = payload["measured"]["saved_bytes_per_window_token_layer_hidden"]
@@ -426,4 +425,6 @@ def plot(payload: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from evaluation.common import run_cli
+
+    run_cli(main)

@@ -163,7 +163,7 @@ def _fmt(value: float) -> str:
 
 
 def _passkey(payload: dict, source: str) -> Evaluation:
-    (model_name, model), *_ = payload["models"].items()
+    model = next(iter(payload["models"].values()))
     depths = ", ".join(f"{depth:.0%}" for depth in payload["depths"])
     dataset = dict(task_type="text-generation", task_name="Passkey retrieval", dataset_type="passkey",
                    dataset_name=f"Passkey retrieval (synthetic filler; key at depths {depths})")
@@ -299,9 +299,7 @@ def render_card(
             f"the license of the base model {base.repo_id} is unknown: pass it explicitly (--license, e.g. apache-2.0)"
         )
     loaded = [load_evaluation(path) for path in evaluations]
-    for evaluation in loaded:
-        if weights_fingerprint is None:
-            continue
+    for evaluation in loaded if weights_fingerprint is not None else ():
         if evaluation.weights is None:
             evaluation.weights_note = "It records no weights fingerprint, so it is not checked against these weights."
         elif evaluation.weights != weights_fingerprint:

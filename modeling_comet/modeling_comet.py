@@ -47,6 +47,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMode
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils.logging import tqdm
 
 from .configuration_comet import CometConfig, check_supported_base
 from .position_layout import epl_special_position_ids, grouped_special_position_ids
@@ -556,16 +557,16 @@ def config_fingerprint(config: CometConfig) -> str:
 
 # transformers 5.x is renaming `past_key_values` to `cache`; follow whichever this version uses.
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-# An input at least this long, read into a cache in one call (a long prompt given to generate() or a pipeline), shows
-# a progress bar as `read(progress=True)` does. It follows transformers' switch for progress bars
-# (`transformers.utils.logging.disable_progress_bar()`).
-PROGRESS_MIN_TOKENS = 32768
 _LAYER_CACHE_ARG = _OUTPUT_CACHE_FIELD
 
 # Checkpoints saved before `CometModel` existed hold the memory at the top level.
 _LEGACY_MEMORY_PREFIX = "comet_memory."
 _MEMORY_PREFIX = "model.comet_memory."
+
+# An input at least this long, read into a cache in one call (a long prompt given to generate() or a pipeline), shows
+# a progress bar as `read(progress=True)` does. It follows transformers' switch for progress bars
+# (`transformers.utils.logging.disable_progress_bar()`).
+PROGRESS_MIN_TOKENS = 32768
 
 
 def _valid_first_order(valid: torch.Tensor) -> torch.Tensor:
@@ -1150,11 +1151,9 @@ class CometModel(CometPreTrainedModel):
         arange_W = torch.arange(W, device=device)
         D = self.config.fold_delay
         reread = cache.reread_pending  # windows reopened by a fold: their delayed tokens are still to be read again
-        from transformers.utils.logging import tqdm
-
-        quiet = L < PROGRESS_MIN_TOKENS or torch.compiler.is_compiling()
-        bar = tqdm(total=None if quiet else int(remaining.max()), unit="tok", desc="CoMeT reading", disable=quiet,
-                   leave=False)  # fmt: skip
+        # (decoding calls this once per token: a bar is built only for a long input)
+        show = L >= PROGRESS_MIN_TOKENS and not torch.compiler.is_compiling()
+        bar = tqdm(total=int(remaining.max()), unit="tok", desc="CoMeT reading", leave=False) if show else None
         shown = 0
         while bool((consumed < remaining).any()):
             # One pass per window: a reopened window first reads its delayed tokens again (not emitted), then new ones.
@@ -1179,14 +1178,16 @@ class CometModel(CometPreTrainedModel):
             out = self._append_to_windows(cache, hidden, again | real, on_layer=record)
             on_text(columns, real, self.norm(out))
             consumed = consumed + take
-            if not quiet:
-                bar.update(int(consumed.max()) - shown)
-                shown = int(consumed.max())
+            if bar is not None:
+                read_so_far = int(consumed.max())
+                bar.update(read_so_far - shown)
+                shown = read_so_far
             folded = cache.window_fill >= W
             if bool(folded.any()):
                 self._fold_windows(cache, folded)
             reread = folded & (D > 0)
-        bar.close()
+        if bar is not None:
+            bar.close()
         cache.reread_pending = reread
 
     # ------------------------------------------------------------------ entry points
@@ -1670,8 +1671,6 @@ class CometForCausalLM(CometPreTrainedModel, GenerationMixin):
         everything but the last prompt token leaves it for generate to feed. Padding must be on the left (as
         generate expects), so that every chunk holds real tokens.
         """
-        from transformers.utils.logging import tqdm
-
         cache = cache if cache is not None else CometCache()
         C, length = self.config.chunk_size, input_ids.shape[1]
         starts = [0, *range(C + self.config.fold_delay, length, C)] if length else []

@@ -104,19 +104,17 @@ def encode_long_text(
     ids, offsets, width = encode(start)
     while start + width < len(text):
         # Tokens ending this close to the call's end may change once the text goes on: compare only those before.
+        # (token ends do not decrease, so those tokens are the first `n_reliable`)
         reliable = width - overlap_chars // 2
+        n_reliable = next((j for j, (_, end) in enumerate(offsets) if end > reliable), len(offsets))
         candidates = [
-            k
-            for k in range(1, len(ids))
-            if offsets[k][0] <= piece_chars and offsets[k - 1][1] <= offsets[k][0] and offsets[k][1] <= reliable
+            k for k in range(1, n_reliable) if offsets[k][0] <= piece_chars and offsets[k - 1][1] <= offsets[k][0]
         ]
         for k in candidates[::-1][:MAX_CUT_TRIES]:
             cut = offsets[k][0]
             next_ids, next_offsets, next_width = encode(start + cut)
-            compare = [j for j in range(k, len(ids)) if offsets[j][1] <= reliable]
-            same = len(compare) >= MIN_AGREEMENT and len(next_ids) >= len(compare)
-            same = same and next_ids[: len(compare)] == [ids[j] for j in compare]
-            if same:
+            compare = ids[k:n_reliable]  # the same tokens, read from the cut on
+            if len(compare) >= MIN_AGREEMENT and next_ids[: len(compare)] == compare:
                 kept.extend(ids[:k])
                 start += cut
                 ids, offsets, width = next_ids, next_offsets, next_width
